@@ -1,0 +1,299 @@
+"""Project configuration: named profiles in ``lakeray.yaml``, validated by pydantic.
+
+Resolution order (later wins): built-in defaults < the profile in the YAML file < ``LAKERAY_*``
+environment overrides. The profile is ``--profile``, else ``LAKERAY_PROFILE``, else the file's
+``default_profile``. Overrides use ``__`` between levels, e.g. ``LAKERAY_RAY__ADDRESS=auto`` or
+``LAKERAY_TRAIN__NUM_WORKERS=4``; values are parsed as YAML scalars so ``4`` is an int.
+
+Every validation error is a :class:`~lakeray.errors.ConfigError` naming the file (or the
+environment variable) and the field path, e.g.
+``lakeray.yaml: profiles.local.train.num_workers: Input should be greater than or equal to 1``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from lakeray.errors import ConfigError
+
+__all__ = [
+    "SparkConfig",
+    "RayConfig",
+    "StorageConfig",
+    "MlflowConfig",
+    "TrainConfig",
+    "ServeConfig",
+    "Profile",
+    "ProjectConfig",
+    "Settings",
+    "load_settings",
+    "CONFIG_FILE_NAME",
+]
+
+CONFIG_FILE_NAME = "lakeray.yaml"
+_ENV_PREFIX = "LAKERAY_"
+# Environment variables that steer loading itself rather than override a profile field.
+_RESERVED_ENV = {"LAKERAY_PROFILE", "LAKERAY_CONFIG", "LAKERAY_DEBUG"}
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SparkConfig(_Model):
+    master: str = Field("local[*]", description="Spark master: local[*], local[N] or spark://host:port.")
+    app_name: str = Field("lakeray", description="Spark application name shown in the Spark UI.")
+    driver_memory: str = Field("4g", description="spark.driver.memory (local mode holds everything).")
+    shuffle_partitions: int = Field(8, ge=1, description="spark.sql.shuffle.partitions; small for laptops.")
+    jars_dir: str = Field(
+        ".cache/delta-jars",
+        description="Folder with the Delta jars resolved by `make setup`; relative to the project.",
+    )
+    ui: bool = Field(False, description="Start the Spark UI (port 4040).")
+    conf: dict[str, str] = Field(default_factory=dict, description="Extra Spark conf, applied last.")
+
+    @field_validator("master")
+    @classmethod
+    def _known_master(cls, value: str) -> str:
+        if re.fullmatch(r"local(\[(\*|\d+)\])?", value) or value.startswith(("spark://", "k8s://", "yarn")):
+            return value
+        raise ValueError("must be local[*], local[N], spark://host:port, k8s://… or yarn")
+
+
+class RayConfig(_Model):
+    address: str | None = Field(
+        None, description="Ray cluster address (ray://host:10001 or 'auto'); empty starts a local Ray."
+    )
+    num_cpus: int | None = Field(
+        None,
+        ge=2,
+        description="Logical CPUs of a local Ray. Default: physical cores + 2, so Ray Data and Ray Train "
+        "cannot take every CPU from each other on a 2-core machine.",
+    )
+    object_store_memory_mb: int | None = Field(None, ge=128, description="Object store size of a local Ray.")
+    start_timeout_s: float = Field(90, gt=0, description="Seconds to wait for Ray to start or connect.")
+    op_timeout_s: float = Field(900, gt=0, description="Upper bound on any single Ray wait (fit, deploy).")
+
+
+class StorageConfig(_Model):
+    root: str = Field(
+        "lakehouse",
+        description="Lakehouse root (a folder, relative to the project, or an object-store URI). "
+        "Tables live under <root>/tables/<name>.",
+    )
+
+
+class MlflowConfig(_Model):
+    tracking_uri: str | None = Field(
+        None, description="MLflow tracking URI; empty means sqlite:///<storage.root>/mlflow.db."
+    )
+    experiment: str = Field("lakeray", description="MLflow experiment that training runs log to.")
+    model_name: str = Field("lakeray_fraud_xgb", description="Registered model name for the demo model.")
+
+
+def _default_xgb_params() -> dict[str, Any]:
+    return {
+        "objective": "binary:logistic",
+        "eval_metric": "auc",
+        "tree_method": "hist",
+        "max_depth": 6,
+        "eta": 0.1,
+        "subsample": 0.8,
+        "seed": 7,
+    }
+
+
+class TrainConfig(_Model):
+    num_workers: int = Field(2, ge=1, description="Ray Train workers (data-parallel XGBoost ranks).")
+    cpus_per_worker: int = Field(1, ge=1, description="CPUs (and XGBoost threads) per worker.")
+    use_gpu: bool = Field(False, description="Train on one GPU per worker (device=cuda).")
+    num_boost_round: int = Field(100, ge=1, description="XGBoost boosting rounds.")
+    report_every: int = Field(
+        0,
+        ge=0,
+        description="Report metrics and checkpoint every N rounds; 0 only at the end. Per-round "
+        "reporting costs ~2 s a report through Ray Train (see DESIGN.md).",
+    )
+    test_fraction: float = Field(0.2, gt=0, lt=1, description="Held-out share of rows for the AUC.")
+    params: dict[str, Any] = Field(default_factory=_default_xgb_params, description="xgboost.train params.")
+
+
+class ServeConfig(_Model):
+    host: str = Field("127.0.0.1", description="Address the Serve HTTP proxy binds to.")
+    port: int = Field(8000, ge=1, le=65535, description="Serve HTTP port.")
+    fast_proxy: bool = Field(
+        True,
+        description="Use Ray Serve's HAProxy ingress and throughput-optimised mode (≈5× the default proxy "
+        "on 2 cores); falls back with a warning when haproxy is missing.",
+    )
+    num_replicas: int = Field(1, ge=1, description="Replicas of the model deployment.")
+    replica_cpus: float = Field(0.5, gt=0, description="CPUs reserved per replica.")
+    max_batch_rows: int = Field(10_000, ge=1, description="Largest number of rows one request may carry.")
+
+
+class Profile(_Model):
+    spark: SparkConfig = Field(default_factory=SparkConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+    feature_paths: list[str] = Field(
+        default_factory=lambda: ["jobs/features"],
+        description="Folders (relative to the project) whose *.py files hold feature jobs.",
+    )
+
+
+class ProjectConfig(_Model):
+    default_profile: str = Field("local", description="Profile used when none is named.")
+    profiles: dict[str, Profile] = Field(default_factory=lambda: {"local": Profile()})
+
+
+@dataclass(frozen=True)
+class Settings:
+    """A resolved profile plus where it came from; the one object passed around."""
+
+    profile_name: str
+    profile: Profile
+    project_dir: Path
+    source: str
+
+    def resolve(self, path_or_uri: str) -> str:
+        """A project-relative path made absolute; URIs (``s3://…``) are returned as they are."""
+        if "://" in path_or_uri:
+            return path_or_uri
+        path = Path(path_or_uri).expanduser()
+        return str(path if path.is_absolute() else (self.project_dir / path).resolve())
+
+    @property
+    def storage_root(self) -> str:
+        return self.resolve(self.profile.storage.root)
+
+    def table_path(self, table_name: str) -> str:
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", table_name):
+            raise ConfigError(
+                f"table name {table_name!r} is not valid",
+                "use letters, digits and underscores, starting with a letter",
+            )
+        return f"{self.storage_root.rstrip('/')}/tables/{table_name}"
+
+    @property
+    def jars_dir(self) -> Path:
+        return Path(self.resolve(self.profile.spark.jars_dir))
+
+    @property
+    def mlflow_tracking_uri(self) -> str:
+        if self.profile.mlflow.tracking_uri:
+            return self.profile.mlflow.tracking_uri
+        return f"sqlite:///{self.storage_root}/mlflow.db"
+
+    @property
+    def mlflow_artifact_root(self) -> str:
+        return f"{self.storage_root.rstrip('/')}/mlartifacts"
+
+
+def _format_errors(where: str, prefix: str, exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(part) for part in (prefix, *err["loc"]) if part != "")
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (misspelled? see docs/configuration.md for the keys)"
+        lines.append(f"{where}: {loc}: {msg}")
+    return "; ".join(lines)
+
+
+def _env_overrides(environ: Mapping[str, str]) -> list[tuple[str, list[str], Any]]:
+    import yaml
+
+    overrides = []
+    for key, raw in sorted(environ.items()):
+        if not key.startswith(_ENV_PREFIX) or key in _RESERVED_ENV:
+            continue
+        path = [part.lower() for part in key[len(_ENV_PREFIX) :].split("__")]
+        if len(path) < 2 or not all(path):
+            raise ConfigError(
+                f"environment variable {key}: cannot tell which field it sets",
+                "use LAKERAY_<SECTION>__<FIELD>, e.g. LAKERAY_RAY__ADDRESS=auto",
+            )
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError:
+            value = raw
+        overrides.append((key, path, value))
+    return overrides
+
+
+def _find_config(explicit: str | os.PathLike[str] | None, environ: Mapping[str, str]) -> Path | None:
+    if explicit is not None:
+        path = Path(explicit)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist", "pass an existing lakeray.yaml")
+        return path
+    if environ.get("LAKERAY_CONFIG"):
+        path = Path(environ["LAKERAY_CONFIG"])
+        if not path.is_file():
+            raise ConfigError(f"LAKERAY_CONFIG={path}: file does not exist", "point it at a lakeray.yaml")
+        return path
+    candidate = Path.cwd() / CONFIG_FILE_NAME
+    return candidate if candidate.is_file() else None
+
+
+def load_settings(
+    config_path: str | os.PathLike[str] | None = None,
+    profile: str | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Settings:
+    """Load, select and validate a profile. Raises ConfigError naming file and field."""
+    import yaml
+
+    environ = os.environ if environ is None else environ
+    path = _find_config(config_path, environ)
+    where = str(path) if path else "<built-in defaults>"
+    raw: Any = {}
+    if path is not None:
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            at = f" line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"{where}:{at} is not valid YAML: {getattr(exc, 'problem', exc)}",
+                              "fix the YAML syntax") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{where}: top level must be a mapping", "see lakeray.yaml in the repo")
+    try:
+        project = ProjectConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(where, "", exc), "correct the field named above") from None
+
+    name = profile or environ.get("LAKERAY_PROFILE") or project.default_profile
+    if name not in project.profiles:
+        known = ", ".join(sorted(project.profiles)) or "none"
+        raise ConfigError(
+            f"{where}: unknown profile {name!r} (profiles: {known})",
+            "pass --profile with one of those, or add it under profiles:",
+        )
+    data = project.profiles[name].model_dump()
+    for key, field_path, value in _env_overrides(environ):
+        node = data
+        for part in field_path[:-1]:
+            if not isinstance(node.get(part), dict):
+                raise ConfigError(f"environment variable {key}: {'.'.join(field_path)}: unknown section",
+                                  "see docs/configuration.md for the sections")
+            node = node[part]
+        node[field_path[-1]] = value
+        try:
+            Profile.model_validate(data)
+        except ValidationError as exc:
+            raise ConfigError(_format_errors(f"environment variable {key}", "", exc),
+                              f"correct or unset {key}") from None
+    resolved = Profile.model_validate(data)
+    project_dir = path.parent.resolve() if path else Path.cwd().resolve()
+    return Settings(profile_name=name, profile=resolved, project_dir=project_dir, source=where)
