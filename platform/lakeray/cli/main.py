@@ -1,0 +1,90 @@
+"""Entry point of the ``lakeray`` command.
+
+Subcommands are imported only when invoked (``_LazyGroup``), so ``lakeray --help`` stays well under a
+second and never imports pyspark, ray or torch. A LakerayError prints its headline and fix and exits
+with the error's code; ``--debug`` (or LAKERAY_DEBUG=1) shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+import click
+
+from lakeray.errors import LakerayError
+
+__all__ = ["cli", "main"]
+
+# name → (module, attribute, one-line help shown by --help without importing the module)
+_COMMANDS = {
+    "demo": ("lakeray.cli.demo_cmd", "demo", "Run the whole path: data → features → train → serve → predict."),
+    "setup": ("lakeray.cli.setup_cmd", "setup", "Check Java and cache the Delta jars (once, needs Maven)."),
+    "config": ("lakeray.cli.config_cmd", "config", "Show and validate the resolved configuration."),
+    "data": ("lakeray.cli.data_cmd", "data", "Generate the example transactions table."),
+    "features": ("lakeray.cli.features_cmd", "features", "List and run feature jobs."),
+    "train": ("lakeray.cli.train_cmd", "train", "Train XGBoost on a feature table version and register it."),
+    "serve": ("lakeray.cli.serve_cmd", "serve", "Serve a registered model over HTTP with Ray Serve."),
+}
+
+
+class _LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(_COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in _COMMANDS:
+            return None
+        module, attr, _ = _COMMANDS[name]
+        return getattr(importlib.import_module(module), attr)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = [(name, _COMMANDS[name][2]) for name in self.list_commands(ctx)]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+
+@click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
+              help="Project config file (default: ./lakeray.yaml, or $LAKERAY_CONFIG).")
+@click.option("--profile", default=None, help="Profile in the config (default: $LAKERAY_PROFILE or default_profile).")
+@click.option("--debug", is_flag=True, default=False, help="Show tracebacks for errors.")
+@click.version_option(package_name="lakeray")
+@click.pass_context
+def cli(ctx: click.Context, config_path: str | None, profile: str | None, debug: bool) -> None:
+    """lakeray: Spark feature jobs into Delta, Ray Train/Tune, MLflow registry, Ray Serve endpoints."""
+    ctx.obj = {"config_path": config_path, "profile": profile}
+    if debug:
+        os.environ["LAKERAY_DEBUG"] = "1"
+
+
+def main() -> None:
+    try:
+        cli.main(standalone_mode=False)
+    except LakerayError as exc:
+        if os.environ.get("LAKERAY_DEBUG") == "1":
+            raise
+        click.secho(f"error: {exc.headline}", fg="red", err=True)
+        if exc.fix:
+            click.echo(f"  fix: {exc.fix}", err=True)
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+
+
+def settings_from(ctx: click.Context):
+    """The resolved Settings for this invocation (ConfigError naming file and field when invalid)."""
+    from lakeray.config import load_settings
+
+    root = ctx.find_root().obj or {}
+    return load_settings(root.get("config_path"), root.get("profile"))

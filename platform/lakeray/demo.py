@@ -1,0 +1,152 @@
+"""The end-to-end path on the embedded default: data → features → training → registry → endpoint.
+
+Each stage hands the next a *committed version*, never a DataFrame or a file list: the generator
+commits ``transactions@N``, the feature job reads exactly that version and commits
+``customer_aggregates@M``, training reads exactly ``@M`` and tags the MLflow run with it, Serve loads
+the version the ``champion`` alias pointed to at deploy time.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from lakeray.config import Settings
+
+__all__ = ["DemoResult", "run_demo", "STAGES", "FEATURE_JOB", "LABEL", "ID_COLUMN"]
+
+STAGES = ["spark", "data", "features", "ray", "train", "serve", "predict"]
+FEATURE_JOB = "customer_aggregates"
+SOURCE_TABLE = "transactions"
+LABEL = "is_fraud"
+ID_COLUMN = "transaction_id"
+
+
+@dataclass
+class DemoResult:
+    rows: int = 0
+    source_table: str = SOURCE_TABLE
+    source_table_version: int | None = None
+    feature_table: str = FEATURE_JOB
+    feature_table_version: int | None = None
+    feature_rows: int = 0
+    features: list[str] = field(default_factory=list)
+    auc: float | None = None
+    train_rows: int = 0
+    test_rows: int = 0
+    train_s: float | None = None
+    train_startup_s: float | None = None
+    model_uri: str | None = None
+    model_version: int | None = None
+    run_id: str | None = None
+    endpoint: str | None = None
+    predictions: list[dict[str, Any]] = field(default_factory=list)
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        return asdict(self)
+
+
+Progress = Callable[[str, str], None]  # (stage, event) where event is "start" or "done"
+
+
+@contextmanager
+def _stage(result: DemoResult, name: str, progress: Progress) -> Iterator[None]:
+    progress(name, "start")
+    started = time.perf_counter()
+    yield
+    result.stage_seconds[name] = round(time.perf_counter() - started, 2)
+    progress(name, "done")
+
+
+def _sample_instances(settings: Settings, result: DemoResult, count: int) -> tuple[list[dict], list[dict]]:
+    """A few held-out rows (half of them frauds where there are any) as /predict instances."""
+    import math
+
+    import pyarrow.compute as pc
+
+    from lakeray.lakehouse.delta import read_arrow
+    from lakeray.training.data import test_mask
+
+    table = read_arrow(settings.table_path(FEATURE_JOB), result.feature_table_version,
+                       columns=[ID_COLUMN, LABEL, *result.features])
+    table = table.filter(test_mask(table.column(ID_COLUMN).to_numpy(), settings.profile.train.test_fraction))
+    frauds = table.filter(pc.equal(table.column(LABEL), 1)).slice(0, count // 2)
+    normal = table.filter(pc.equal(table.column(LABEL), 0)).slice(0, count - frauds.num_rows)
+    instances, meta = [], []
+    for part in (normal, frauds):
+        for row in part.to_pylist():
+            instances.append({f: (None if row[f] is None or math.isnan(row[f]) else row[f])
+                              for f in result.features})
+            meta.append({ID_COLUMN: row[ID_COLUMN], LABEL: row[LABEL]})
+    return instances, meta
+
+
+def run_demo(settings: Settings, rows: int = 200_000, seed: int = 42, predictions: int = 6,
+             progress: Progress | None = None, serve_forever: Callable[[DemoResult], None] | None = None
+             ) -> DemoResult:
+    """Run every stage; Spark, Ray and Serve are shut down on the way out (exceptions and Ctrl-C too)."""
+    import httpx
+
+    from lakeray.cluster.ray_runtime import start_ray
+    from lakeray.features.runner import run_feature_job
+    from lakeray.features.synthetic import generate_transactions
+    from lakeray.lakehouse.delta import write_table
+    from lakeray.lakehouse.spark import create_spark_session
+    from lakeray.serving.deploy import deploy_model
+    from lakeray.training.api import make_spec, train_and_register
+
+    progress = progress or (lambda stage, event: None)
+    result = DemoResult(rows=rows)
+    spark = ray_handle = None
+    try:
+        with _stage(result, "spark", progress):
+            spark = create_spark_session(settings)
+        with _stage(result, "data", progress):
+            # Overwrite: a second demo run commits a new version with the same rows, never duplicates.
+            result.source_table_version = write_table(generate_transactions(spark, rows, seed),
+                                                      settings.table_path(SOURCE_TABLE))
+        with _stage(result, "features", progress):
+            run = run_feature_job(spark, settings, FEATURE_JOB)
+            result.feature_table_version, result.feature_rows = run.version, run.rows
+        # Spark is done: give its memory and cores back before Ray starts on the same machine.
+        spark.stop()
+        spark = None
+        with _stage(result, "ray", progress):
+            ray_handle = start_ray(settings)
+        with _stage(result, "train", progress):
+            spec = make_spec(settings, FEATURE_JOB, result.feature_table_version, LABEL, ID_COLUMN,
+                             exclude=("customer_id",))
+            report = train_and_register(settings, spec, alias="champion")
+            result.features = spec.features
+            result.auc = round(report.auc, 4)
+            result.train_rows, result.test_rows = report.outcome.train_rows, report.test_rows
+            result.train_s = round(report.outcome.train_s, 2)
+            result.train_startup_s = round(report.outcome.startup_s, 2)
+            result.model_uri = report.model.uri
+            result.model_version = report.model.version
+            result.run_id = report.model.run_id
+        with _stage(result, "serve", progress):
+            endpoint = deploy_model(settings, report.model.uri)
+            result.endpoint = endpoint.url
+        with _stage(result, "predict", progress):
+            instances, meta = _sample_instances(settings, result, predictions)
+            reply = httpx.post(f"{endpoint.url}/predict", json={"instances": instances}, timeout=30.0)
+            reply.raise_for_status()
+            body = reply.json()
+            result.predictions = [{**m, "fraud_probability": round(p, 4), "model_version": body["model_version"]}
+                                  for m, p in zip(meta, body["predictions"], strict=True)]
+        if serve_forever is not None:
+            serve_forever(result)
+        return result
+    finally:
+        if spark is not None:
+            spark.stop()
+        if ray_handle is not None:
+            ray_handle.shutdown()

@@ -1,0 +1,1 @@
+"""Model serving on Ray Serve: the HTTP endpoint and its deployment."""

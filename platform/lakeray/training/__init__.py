@@ -1,0 +1,1 @@
+"""Training on Ray: Delta ingest, XGBoost through Ray Train, MLflow tracking and registry."""
