@@ -72,11 +72,11 @@ def _sample_instances(settings: Settings, result: DemoResult, count: int) -> tup
     import pyarrow.compute as pc
 
     from lakeray.lakehouse.delta import read_arrow
-    from lakeray.training.data import test_mask
+    from lakeray.training.data import holdout_mask
 
     table = read_arrow(settings.table_path(FEATURE_JOB), result.feature_table_version,
                        columns=[ID_COLUMN, LABEL, *result.features])
-    table = table.filter(test_mask(table.column(ID_COLUMN).to_numpy(), settings.profile.train.test_fraction))
+    table = table.filter(holdout_mask(table.column(ID_COLUMN).to_numpy(), settings.profile.train.test_fraction))
     frauds = table.filter(pc.equal(table.column(LABEL), 1)).slice(0, count // 2)
     normal = table.filter(pc.equal(table.column(LABEL), 0)).slice(0, count - frauds.num_rows)
     instances, meta = [], []

@@ -54,10 +54,10 @@ def holdout_auc(booster: xgboost.Booster, spec: TrainSpec, test_fraction: float)
     from sklearn.metrics import roc_auc_score
 
     from lakeray.lakehouse.delta import read_arrow
-    from lakeray.training.data import test_mask, to_matrix
+    from lakeray.training.data import holdout_mask, to_matrix
 
     table = read_arrow(spec.path, spec.version, columns=[spec.id_column, spec.label, *spec.features])
-    mask = test_mask(table.column(spec.id_column).to_numpy(), test_fraction)
+    mask = holdout_mask(table.column(spec.id_column).to_numpy(), test_fraction)
     x = to_matrix(table, spec.features)[mask]
     y = table.column(spec.label).to_numpy(zero_copy_only=False)[mask]
     if len(set(y.tolist())) < 2:

@@ -13,7 +13,7 @@ if TYPE_CHECKING:
     import numpy as np
     import pyarrow as pa
 
-__all__ = ["TableSlice", "shard_files", "test_mask", "to_matrix", "read_slice"]
+__all__ = ["TableSlice", "shard_files", "holdout_mask", "to_matrix", "read_slice"]
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,7 @@ def shard_files(files: list[str], world: int) -> list[list[str]] | None:
     return [files[rank::world] for rank in range(world)]
 
 
-def test_mask(ids: np.ndarray, test_fraction: float) -> np.ndarray:
+def holdout_mask(ids: np.ndarray, test_fraction: float) -> np.ndarray:
     """True for held-out rows: a multiplicative hash of the id, so any id scheme splits evenly."""
     import numpy as np
 

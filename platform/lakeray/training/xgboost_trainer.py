@@ -65,7 +65,7 @@ def _train_loop(config: dict[str, Any]) -> None:
     import ray.train
     import xgboost
 
-    from lakeray.training.data import TableSlice, read_slice, test_mask, to_matrix
+    from lakeray.training.data import TableSlice, read_slice, holdout_mask, to_matrix
 
     started = time.perf_counter()
     ctx = ray.train.get_context()
@@ -73,7 +73,7 @@ def _train_loop(config: dict[str, Any]) -> None:
     shards = config["shards"]
     sl = TableSlice(config["path"], config["version"], shards[rank] if shards else None, rank, world)
     table = read_slice(sl, [config["id_column"], config["label"], *config["features"]])
-    keep = ~test_mask(table.column(config["id_column"]).to_numpy(), config["test_fraction"])
+    keep = ~holdout_mask(table.column(config["id_column"]).to_numpy(), config["test_fraction"])
     x = to_matrix(table, config["features"])[keep]
     y = table.column(config["label"]).to_numpy(zero_copy_only=False)[keep].astype(np.float32)
     params = dict(config["params"], nthread=config["threads"])

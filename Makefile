@@ -1,0 +1,58 @@
+# lakeray — every target that needs the environment runs `setup` first; `setup` is idempotent.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+UV := $(VENV)/bin/uv
+UV_VERSION := 0.13.9
+STAMP := $(VENV)/.lakeray-installed
+JARS_STAMP := .cache/delta-jars/RESOLVED
+# Spark picks a LAN address and warns when the hostname resolves to loopback; everything here is local.
+export SPARK_LOCAL_IP ?= 127.0.0.1
+export PYTHONUNBUFFERED := 1
+
+.PHONY: setup demo test test-quick bench lint lock clean
+
+setup: $(STAMP) $(JARS_STAMP)
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+
+# The pinned install: uv installs exactly the versions in requirements.lock (fast, reproducible),
+# then lakeray itself, editable. (`uv pip sync` would also remove pip and uv from the venv.)
+$(STAMP): $(VENV)/bin/python requirements.lock pyproject.toml
+	$(VENV)/bin/pip install -q --disable-pip-version-check uv==$(UV_VERSION)
+	$(UV) pip install -q -r requirements.lock --python $(PY)
+	$(UV) pip install -q --python $(PY) -e . --no-deps
+	touch $(STAMP)
+
+# The Delta jars, cached inside the project so no Spark session ever resolves them at start-up.
+$(JARS_STAMP): $(STAMP)
+	$(VENV)/bin/lakeray setup
+
+demo: setup
+	$(VENV)/bin/lakeray demo
+
+test: setup
+	$(PY) -m pytest
+
+test-quick: setup
+	$(PY) -m pytest -m "not slow"
+
+bench: setup
+	$(PY) bench/train_xgboost.py
+
+lint: setup
+	$(VENV)/bin/lint-imports
+
+# Regenerate the lock after changing pyproject.toml's dependencies.
+lock: $(VENV)/bin/python
+	$(VENV)/bin/pip install -q uv==$(UV_VERSION)
+	$(UV) pip compile pyproject.toml --extra dev --python-version 3.11 -o requirements.lock
+
+clean:
+	rm -rf lakehouse .pytest_cache build spark-warehouse metastore_db derby.log
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV) .cache

@@ -1,0 +1,1 @@
+"""Ray clusters: connecting, starting a local one, job submission."""

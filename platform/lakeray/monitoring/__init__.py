@@ -1,0 +1,1 @@
+"""Drift monitoring and retraining decisions — not built yet."""

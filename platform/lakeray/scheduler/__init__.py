@@ -1,0 +1,1 @@
+"""Scheduling of feature jobs (cron, DAG, run ledger) — not built yet."""

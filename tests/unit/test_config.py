@@ -1,0 +1,103 @@
+"""Config loading: profiles, overrides, and errors that name the file and the field path."""
+
+from pathlib import Path
+
+import pytest
+
+from lakeray.config import load_settings
+from lakeray.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "lakeray.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_repo_example_config_has_local_and_cluster_profiles():
+    local = load_settings(REPO / "lakeray.yaml", environ={})
+    assert local.profile_name == "local"
+    assert local.profile.spark.master == "local[*]"
+    assert local.profile.ray.address is None
+    assert local.mlflow_tracking_uri == f"sqlite:///{REPO / 'lakehouse'}/mlflow.db"
+    cluster = load_settings(REPO / "lakeray.yaml", "cluster", environ={})
+    assert cluster.profile.spark.master.startswith("spark://")
+    assert cluster.profile.ray.address == "ray://ray-head:10001"
+    assert cluster.table_path("t") == "s3a://my-lakehouse/lakeray/tables/t"
+
+
+def test_profile_chosen_by_env(tmp_path):
+    path = write(tmp_path, "profiles:\n  local: {}\n  other:\n    train: {num_workers: 3}\n")
+    assert load_settings(path, environ={"LAKERAY_PROFILE": "other"}).profile.train.num_workers == 3
+
+
+def test_unknown_profile_names_file_and_known_profiles(tmp_path):
+    path = write(tmp_path, "profiles:\n  local: {}\n")
+    with pytest.raises(ConfigError) as err:
+        load_settings(path, "prod", environ={})
+    assert str(path) in err.value.headline and "'prod'" in err.value.headline and "local" in err.value.headline
+
+
+def test_misspelled_key_names_file_and_field_path(tmp_path):
+    path = write(tmp_path, "profiles:\n  local:\n    train:\n      num_worker: 2\n")
+    with pytest.raises(ConfigError) as err:
+        load_settings(path, environ={})
+    assert f"{path}: profiles.local.train.num_worker: unknown key" in err.value.headline
+
+
+def test_wrong_type_and_range_name_the_field(tmp_path):
+    path = write(tmp_path, "profiles:\n  local:\n    train: {num_workers: 0}\n    serve: {port: high}\n")
+    with pytest.raises(ConfigError) as err:
+        load_settings(path, environ={})
+    assert "profiles.local.train.num_workers: Input should be greater than or equal to 1" in err.value.headline
+    assert "profiles.local.serve.port" in err.value.headline
+
+
+def test_bad_spark_master_is_refused(tmp_path):
+    path = write(tmp_path, "profiles:\n  local:\n    spark: {master: 'localhost'}\n")
+    with pytest.raises(ConfigError, match="profiles.local.spark.master"):
+        load_settings(path, environ={})
+
+
+def test_env_override_is_typed_and_wins_over_file(tmp_path):
+    path = write(tmp_path, "profiles:\n  local:\n    train: {num_workers: 2}\n")
+    settings = load_settings(path, environ={"LAKERAY_TRAIN__NUM_WORKERS": "4", "LAKERAY_RAY__ADDRESS": "auto"})
+    assert settings.profile.train.num_workers == 4
+    assert settings.profile.ray.address == "auto"
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "expected"),
+    [
+        ("LAKERAY_TRAIN__NUM_WORKERS", "many", "environment variable LAKERAY_TRAIN__NUM_WORKERS: train.num_workers"),
+        ("LAKERAY_TRAIN__NUM_WROKERS", "2", "train.num_wrokers: unknown key"),
+        ("LAKERAY_NOPE__X", "1", "nope.x: unknown section"),
+        ("LAKERAY_WORKERS", "2", "cannot tell which field"),
+    ],
+)
+def test_bad_env_override_names_the_variable(tmp_path, key, value, expected):
+    path = write(tmp_path, "profiles:\n  local: {}\n")
+    with pytest.raises(ConfigError) as err:
+        load_settings(path, environ={key: value})
+    assert key in err.value.headline and expected in err.value.headline
+
+
+def test_invalid_yaml_names_the_line(tmp_path):
+    path = write(tmp_path, "profiles:\n  local: {\n")
+    with pytest.raises(ConfigError, match=r"line \d+ is not valid YAML"):
+        load_settings(path, environ={})
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_settings(tmp_path / "missing.yaml", environ={})
+
+
+def test_relative_paths_resolve_against_the_config_folder(tmp_path):
+    path = write(tmp_path, "profiles:\n  local:\n    storage: {root: data}\n")
+    settings = load_settings(path, environ={})
+    assert settings.table_path("events") == f"{tmp_path.resolve()}/data/tables/events"
+    with pytest.raises(ConfigError, match="table name"):
+        settings.table_path("../escape")

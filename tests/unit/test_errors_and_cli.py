@@ -1,0 +1,75 @@
+"""Errors pickle across Ray, and the CLI turns them into one clear line and an exit code."""
+
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lakeray.errors import ConfigError, DataQualityError, LakerayError, SetupError, TableNotFoundError
+
+LAKERAY = str(Path(sys.executable).parent / "lakeray")
+
+
+@pytest.mark.parametrize("cls", [LakerayError, ConfigError, SetupError, DataQualityError, TableNotFoundError])
+def test_errors_pickle_with_headline_and_fix(cls):
+    err = pickle.loads(pickle.dumps(cls("what went wrong", "what to do")))
+    assert type(err) is cls and err.headline == "what went wrong" and err.fix == "what to do"
+    assert str(err) == "what went wrong\n  fix: what to do"
+
+
+def test_cli_prints_config_error_without_traceback(tmp_path):
+    cfg = tmp_path / "lakeray.yaml"
+    cfg.write_text("profiles:\n  local:\n    train: {num_workers: zero}\n")
+    result = subprocess.run([LAKERAY, "--config", str(cfg), "config", "show"], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert f"error: {cfg}: profiles.local.train.num_workers" in result.stderr
+    assert "fix:" in result.stderr
+
+
+def test_cli_unknown_profile(tmp_path):
+    cfg = tmp_path / "lakeray.yaml"
+    cfg.write_text("profiles:\n  local: {}\n")
+    result = subprocess.run([LAKERAY, "--config", str(cfg), "--profile", "prod", "config", "validate"],
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and "unknown profile 'prod'" in result.stderr
+
+
+def test_cli_config_show_applies_env_overrides(tmp_path):
+    cfg = tmp_path / "lakeray.yaml"
+    cfg.write_text("profiles:\n  local: {}\n")
+    env = {"PATH": "/usr/bin:/bin", "LAKERAY_SERVE__PORT": "9123"}
+    result = subprocess.run([LAKERAY, "--config", str(cfg), "config", "show"], capture_output=True, text=True,
+                            env=env)
+    assert result.returncode == 0, result.stderr
+    assert "port: 9123" in result.stdout
+
+
+def test_missing_jars_is_a_setup_error_naming_make_setup(tmp_path):
+    from lakeray.lakehouse.spark import delta_jars
+
+    with pytest.raises(SetupError) as err:
+        delta_jars(tmp_path)
+    assert "make setup" in err.value.fix
+
+
+def test_missing_java_is_a_setup_error(monkeypatch):
+    from lakeray.lakehouse.spark import check_java
+
+    monkeypatch.delenv("JAVA_HOME", raising=False)
+    monkeypatch.setenv("PATH", "/nonexistent")
+    with pytest.raises(SetupError, match="Java was not found"):
+        check_java()
+
+
+def test_demo_without_jars_exits_with_setup_message(tmp_path):
+    cfg = tmp_path / "lakeray.yaml"
+    cfg.write_text(f"profiles:\n  local:\n    spark: {{jars_dir: {tmp_path / 'nojars'}}}\n"
+                   f"    storage: {{root: {tmp_path / 'lh'}}}\n")
+    result = subprocess.run([LAKERAY, "--config", str(cfg), "demo", "--rows", "1000"], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 3
+    assert "Delta jars" in result.stderr and "make setup" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "lh" / "tables").exists()
