@@ -27,6 +27,13 @@ __all__ = ["RayHandle", "start_ray", "ray_session", "ray_get", "fast_proxy_avail
 # Serve's HAProxy ingress + throughput-optimised mode: ~5x the default proxy on 2 cores (DESIGN.md).
 # They are read when Ray (and Serve's controller) start, so they must be set before ray.init.
 _FAST_PROXY_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+_HAPROXY_PATHS = {
+    "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": "haproxy.cfg",
+    "RAY_SERVE_HAPROXY_SOCKET_PATH": "admin.sock",
+    "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": "",
+    "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": "server-state",
+    "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": "metrics.sock",
+}
 
 
 def local_num_cpus() -> int:
@@ -87,6 +94,11 @@ def start_ray(settings: Settings) -> RayHandle:
     if fast_proxy and cfg.address is None:
         for key, value in _FAST_PROXY_ENV.items():
             os.environ.setdefault(key, value)
+        # HAProxy's config, sockets and state default to one fixed /tmp folder: two local clusters
+        # (two projects, or a test run next to a demo) would overwrite each other's. One per port.
+        base = f"/tmp/lakeray-haproxy-{settings.profile.serve.port}"
+        for key, name in _HAPROXY_PATHS.items():
+            os.environ.setdefault(key, f"{base}/{name}" if name else base)
     # Ray logs "deduplication" and usage-stats banners that drown the CLI's output.
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")

@@ -1,0 +1,87 @@
+"""`lakeray demo` end to end, as a user runs it: a subprocess on the CLI, small size, real everything."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, free_port
+
+pytestmark = [pytest.mark.slow, pytest.mark.spark, pytest.mark.ray]
+
+LAKERAY = str(Path(sys.executable).parent / "lakeray")
+ROWS = 20_000
+KEYS = {"rows", "feature_table", "feature_table_version", "auc", "model_uri", "endpoint", "predictions"}
+
+
+@pytest.fixture(scope="module")
+def demo_env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo-lakehouse")
+    env = dict(os.environ, LAKERAY_STORAGE__ROOT=str(root), LAKERAY_SERVE__PORT=str(free_port()),
+               LAKERAY_SPARK__DRIVER_MEMORY="2g", LAKERAY_SPARK__SHUFFLE_PARTITIONS="4")
+    return env, root
+
+
+def run_demo(env) -> dict:
+    result = subprocess.run([LAKERAY, "--config", str(REPO / "lakeray.yaml"), "demo", "--json", "--rows", str(ROWS)],
+                            capture_output=True, text=True, env=env, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads(result.stdout)
+
+
+@pytest.fixture(scope="module")
+def first_run(demo_env):
+    return run_demo(demo_env[0])
+
+
+def test_demo_json_summary(first_run):
+    assert KEYS <= first_run.keys()
+    assert first_run["rows"] == ROWS and first_run["feature_table"] == "customer_aggregates"
+    assert first_run["feature_rows"] == ROWS
+    assert 0.6 < first_run["auc"] <= 1.0
+    assert first_run["model_uri"].startswith("models:/lakeray_fraud_xgb@champion")
+    assert first_run["endpoint"].startswith("http://127.0.0.1:")
+    preds = first_run["predictions"]
+    assert len(preds) >= 2 and all(0.0 <= p["fraud_probability"] <= 1.0 for p in preds)
+    assert all(p["model_version"] == first_run["model_version"] for p in preds)
+    assert set(first_run["stage_seconds"]) == {"spark", "data", "features", "ray", "train", "serve", "predict"}
+
+
+def test_interrupted_demo_exits_cleanly_and_the_next_run_succeeds(first_run, demo_env):
+    from lakeray.lakehouse.delta import read_arrow
+
+    env, root = demo_env
+    proc = subprocess.Popen([LAKERAY, "--config", str(REPO / "lakeray.yaml"), "demo", "--json", "--rows", str(ROWS)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    # Interrupt while Ray is up (training running): the worst moment to leave things behind.
+    deadline = time.monotonic() + 600
+    seen = ""
+    while "start Ray" not in seen and time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        if not line and proc.poll() is not None:
+            break
+        seen += line
+    assert "start Ray" in seen, seen[-3000:]
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, proc.stderr.read()[-3000:]
+
+    second = run_demo(env)
+    # Re-running overwrites: new versions, the same rows, never duplicated.
+    assert second["source_table_version"] > first_run["source_table_version"]
+    assert second["feature_table_version"] > first_run["feature_table_version"]
+    assert second["feature_rows"] == ROWS
+    tables = root / "tables"
+    assert read_arrow(str(tables / "transactions")).num_rows == ROWS
+    assert read_arrow(str(tables / "customer_aggregates")).num_rows == ROWS
+    assert second["model_version"] > first_run["model_version"]
+    assert second["auc"] == pytest.approx(first_run["auc"], abs=1e-9)  # same seed, same data, same model

@@ -1,0 +1,119 @@
+"""Training registers a model with lineage; the Serve endpoint answers over HTTP and rejects bad input."""
+
+import httpx
+import pytest
+
+from lakeray.errors import ModelRegistryError
+
+pytestmark = [pytest.mark.spark, pytest.mark.ray]
+
+
+@pytest.fixture(scope="module")
+def feature_version(spark, settings):
+    from lakeray.features.runner import run_feature_job
+    from lakeray.features.synthetic import generate_transactions
+    from lakeray.lakehouse.delta import write_table
+
+    write_table(generate_transactions(spark, 30_000, seed=11), settings.table_path("transactions"))
+    return run_feature_job(spark, settings, "customer_aggregates").version
+
+
+@pytest.fixture(scope="module")
+def report(settings, ray_handle, feature_version):
+    from lakeray.training.api import make_spec, train_and_register
+
+    spec = make_spec(settings, "customer_aggregates", feature_version, "is_fraud", "transaction_id",
+                     exclude=("customer_id",))
+    return train_and_register(settings, spec, alias="champion")
+
+
+@pytest.fixture(scope="module")
+def endpoint(settings, report):
+    from lakeray.serving.deploy import deploy_model
+
+    return deploy_model(settings, f"models:/{report.model.name}@champion")
+
+
+def test_training_registers_model_with_alias_and_lineage(settings, report, feature_version):
+    from lakeray.registry import mlflow_client
+
+    client = mlflow_client(settings)
+    version = client.get_model_version_by_alias(report.model.name, "champion")
+    assert int(version.version) == report.model.version
+    run = client.get_run(version.run_id)
+    assert run.data.tags["lakeray.input"] == f"customer_aggregates@{feature_version}"
+    assert float(run.data.metrics["auc"]) == pytest.approx(report.auc)
+    assert run.data.params["num_workers"] == "2"
+    # Both workers trained: the held-out rows plus the training rows are the whole table.
+    assert report.outcome.train_rows + report.test_rows == 30_000
+    assert report.auc > 0.65  # the generator's signal is learnable from the features
+    assert "customer_id" not in report.spec.features and "is_fraud" not in report.spec.features
+
+
+def test_resolving_an_unknown_alias_is_a_clear_error(settings, report):
+    from lakeray.registry import resolve_alias
+
+    with pytest.raises(ModelRegistryError, match="not in the registry"):
+        resolve_alias(settings, f"models:/{report.model.name}@nonexistent")
+
+
+def test_healthz_reports_the_pinned_version(endpoint, report):
+    body = httpx.get(f"{endpoint.url}/healthz", timeout=10).json()
+    assert body["status"] == "ok" and body["model_version"] == report.model.version
+    assert body["features"] == report.spec.features
+
+
+def test_predict_returns_one_probability_per_instance(endpoint, report):
+    rows = [{f: 1.0 for f in endpoint.features}, {f: None for f in endpoint.features}]
+    reply = httpx.post(f"{endpoint.url}/predict", json={"instances": rows}, timeout=30)
+    assert reply.status_code == 200, reply.text
+    body = reply.json()
+    assert len(body["predictions"]) == 2 and all(0.0 <= p <= 1.0 for p in body["predictions"])
+    assert body["model_version"] == report.model.version
+    # The endpoint gives the same scores as the registered booster itself.
+    import numpy as np
+
+    x = np.array([[1.0] * len(endpoint.features), [np.nan] * len(endpoint.features)], dtype=np.float32)
+    assert body["predictions"] == pytest.approx(report.outcome.booster.inplace_predict(x).tolist(), rel=1e-5)
+
+
+def _post(endpoint, payload=None, content=None):
+    kwargs = {"json": payload} if content is None else {"content": content,
+                                                        "headers": {"content-type": "application/json"}}
+    return httpx.post(f"{endpoint.url}/predict", timeout=30, **kwargs)
+
+
+def test_missing_feature_is_422_naming_it(endpoint):
+    row = {f: 1.0 for f in endpoint.features}
+    del row["amount"]
+    reply = _post(endpoint, {"instances": [row]})
+    assert reply.status_code == 422
+    assert reply.json()["detail"][0]["loc"] == ["body", "instances", 0, "amount"]
+
+
+def test_unknown_feature_is_422_naming_it(endpoint):
+    reply = _post(endpoint, {"instances": [{**{f: 1.0 for f in endpoint.features}, "colour": 1.0}]})
+    assert reply.status_code == 422
+    assert reply.json()["detail"][0]["loc"] == ["body", "instances", 0, "colour"]
+
+
+@pytest.mark.parametrize(
+    ("payload", "content", "loc"),
+    [
+        ({"instances": []}, None, ["body", "instances"]),
+        ({"rows": []}, None, ["body", "instances"]),
+        (None, b"{not json", ["body", 1]),
+        ({"instances": [{"amount": "a lot"}]}, None, ["body", "instances", 0, "amount"]),
+        ({"instances": "everything"}, None, ["body", "instances"]),
+    ],
+)
+def test_malformed_requests_are_422_never_500(endpoint, payload, content, loc):
+    reply = _post(endpoint, payload, content)
+    assert reply.status_code == 422, reply.text
+    assert reply.json()["detail"][0]["loc"] == loc
+
+
+def test_oversized_batch_is_422(endpoint, settings):
+    row = {f: 1.0 for f in endpoint.features}
+    reply = _post(endpoint, {"instances": [row] * (settings.profile.serve.max_batch_rows + 1)})
+    assert reply.status_code == 422 and "at most" in reply.json()["detail"][0]["msg"]
