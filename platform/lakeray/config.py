@@ -78,7 +78,6 @@ class RayConfig(_Model):
         "cannot take every CPU from each other on a 2-core machine.",
     )
     object_store_memory_mb: int | None = Field(None, ge=128, description="Object store size of a local Ray.")
-    start_timeout_s: float = Field(90, gt=0, description="Seconds to wait for Ray to start or connect.")
     op_timeout_s: float = Field(900, gt=0, description="Upper bound on any single Ray wait (fit, deploy).")
 
 
