@@ -101,3 +101,14 @@ def test_relative_paths_resolve_against_the_config_folder(tmp_path):
     assert settings.table_path("events") == f"{tmp_path.resolve()}/data/tables/events"
     with pytest.raises(ConfigError, match="table name"):
         settings.table_path("../escape")
+
+
+def test_every_config_field_is_documented():
+    from lakeray.config import Profile
+
+    doc = (REPO / "docs" / "configuration.md").read_text()
+    for section, field in Profile.model_fields.items():
+        model = field.annotation
+        names = [f"{section}.{name}" for name in model.model_fields] if hasattr(model, "model_fields") else [section]
+        for name in names:
+            assert f"`{name}`" in doc, f"{name} is missing from docs/configuration.md"
