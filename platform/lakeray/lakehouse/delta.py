@@ -1,0 +1,165 @@
+"""Delta table operations shared by feature jobs and training: write atomically, version, read back."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Literal
+
+from lakeray.errors import TableNotFoundError
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+    from pyspark.sql import DataFrame, SparkSession
+
+__all__ = ["write_table", "merge_table", "table_version", "table_exists", "table_history", "read_table", "read_arrow",
+           "table_files"]
+
+
+def write_table(
+    df: DataFrame,
+    path: str,
+    mode: Literal["overwrite", "append"] = "overwrite",
+    partition_by: list[str] | None = None,
+    replace_where: str | None = None,
+    user_metadata: str | None = None,
+    merge_schema: bool = False,
+) -> int:
+    """Write ``df`` to the Delta table at ``path`` in one commit; returns the committed version.
+
+    ``overwrite`` replaces the rows (and, for a refreshed job, the schema) in a single atomic commit,
+    so a re-run leaves the same rows and a killed run leaves the previous version readable. With
+    ``replace_where`` only the rows matching that predicate are replaced (incremental partitions).
+    ``user_metadata`` lands in the commit's history (lakeray stores the run's lineage there).
+    """
+    writer = df.write.format("delta").mode(mode)
+    if replace_where is not None:
+        writer = writer.option("replaceWhere", replace_where)
+        if merge_schema:
+            writer = writer.option("mergeSchema", "true")
+    elif mode == "overwrite":
+        writer = writer.option("overwriteSchema", "true")
+    elif merge_schema:
+        writer = writer.option("mergeSchema", "true")
+    if user_metadata is not None:
+        writer = writer.option("userMetadata", user_metadata)
+    if partition_by:
+        writer = writer.partitionBy(*partition_by)
+    writer.save(path)
+    return table_version(df.sparkSession, path)
+
+
+def merge_table(df: DataFrame, path: str, keys: list[str], user_metadata: str | None = None) -> int:
+    """Upsert ``df`` into ``path`` by ``keys`` (one MERGE commit); creates the table on first write."""
+    from delta.tables import DeltaTable
+
+    spark = df.sparkSession
+    if not DeltaTable.isDeltaTable(spark, path):
+        return write_table(df, path, user_metadata=user_metadata)
+    condition = " AND ".join(f"t.`{k}` <=> s.`{k}`" for k in keys)
+    previous = spark.conf.get("spark.databricks.delta.commitInfo.userMetadata", None)
+    if user_metadata is not None:
+        spark.conf.set("spark.databricks.delta.commitInfo.userMetadata", user_metadata)
+    try:
+        (DeltaTable.forPath(spark, path).alias("t").merge(df.alias("s"), condition)
+         .whenMatchedUpdateAll().whenNotMatchedInsertAll().execute())
+    finally:
+        if previous is None:
+            spark.conf.unset("spark.databricks.delta.commitInfo.userMetadata")
+        else:
+            spark.conf.set("spark.databricks.delta.commitInfo.userMetadata", previous)
+    return table_version(spark, path)
+
+
+def table_exists(spark: SparkSession, path: str) -> bool:
+    from delta.tables import DeltaTable
+
+    return bool(DeltaTable.isDeltaTable(spark, path))
+
+
+def table_history(spark: SparkSession, path: str, limit: int | None = None) -> list[dict]:
+    """Commits newest first: version, timestamp, operation, rows written, and lakeray's run metadata."""
+    import json
+
+    from delta.tables import DeltaTable
+
+    if not table_exists(spark, path):
+        raise TableNotFoundError(f"no Delta table at {path}", "run the feature job that writes it first")
+    table = DeltaTable.forPath(spark, path)
+    history = table.history(limit) if limit else table.history()
+    out = []
+    for row in history.select("version", "timestamp", "operation", "operationMetrics", "userMetadata").collect():
+        metrics = row["operationMetrics"] or {}
+        rows = metrics.get("numOutputRows") or metrics.get("numTargetRowsInserted")
+        try:
+            meta = json.loads(row["userMetadata"]) if row["userMetadata"] else {}
+        except ValueError:
+            meta = {"userMetadata": row["userMetadata"]}
+        out.append({"version": int(row["version"]), "timestamp": row["timestamp"], "operation": row["operation"],
+                    "rows": int(rows) if rows is not None else None, "metrics": dict(metrics), "run": meta})
+    return out
+
+
+def table_version(spark: SparkSession, path: str) -> int:
+    """Latest committed version of the table at ``path``."""
+    from delta.tables import DeltaTable
+
+    if not DeltaTable.isDeltaTable(spark, path):
+        raise TableNotFoundError(f"no Delta table at {path}", "run the feature job that writes it first")
+    return int(DeltaTable.forPath(spark, path).history(1).select("version").first()[0])
+
+
+def read_table(spark: SparkSession, path: str, version: int | None = None) -> DataFrame:
+    """The table at ``path`` as of ``version`` (latest when None), through Spark."""
+    from delta.tables import DeltaTable
+
+    if not DeltaTable.isDeltaTable(spark, path):
+        raise TableNotFoundError(f"no Delta table at {path}", "run the feature job that writes it first")
+    reader = spark.read.format("delta")
+    if version is not None:
+        latest = table_version(spark, path)
+        if not 0 <= version <= latest:
+            raise TableNotFoundError(f"{path} has no version {version} (latest is {latest})",
+                                     "pick a version from the table's history")
+        reader = reader.option("versionAsOf", version)
+    return reader.load(path)
+
+
+def _open(path: str, version: int | None):
+    from deltalake import DeltaTable
+    from deltalake.exceptions import TableNotFoundError as DeltaRsNotFound
+
+    try:
+        table = DeltaTable(path)
+    except DeltaRsNotFound:
+        raise TableNotFoundError(f"no Delta table at {path}", "run the feature job that writes it first") from None
+    if version is not None:
+        latest = table.version()
+        if not 0 <= version <= latest:
+            raise TableNotFoundError(f"{path} has no version {version} (latest is {latest})",
+                                     "pick a version from the table's history")
+        table.load_as_version(version)
+    return table
+
+
+def table_files(path: str, version: int | None = None) -> list[str]:
+    """URIs of the data files that make up ``version``, without a JVM (delta-rs)."""
+    return list(_open(path, version).file_uris())
+
+
+def read_arrow(
+    path: str, version: int | None = None, columns: list[str] | None = None, files: list[str] | None = None
+) -> pa.Table:
+    """Read a pinned table version (optionally a subset of its files) into Arrow, without a JVM.
+
+    For data that fits one worker this is ~5× faster than ``ray.data.read_delta`` (DESIGN.md).
+    """
+    import pyarrow.dataset as ds
+
+    if files is None:
+        return _open(path, version).to_pyarrow_table(columns=columns)
+    if not files:
+        import pyarrow as pa
+
+        schema = _open(path, version).to_pyarrow_dataset().schema
+        return pa.Table.from_batches([], schema=schema).select(columns or schema.names)
+    paths = [f.removeprefix("file://") for f in files]
+    return ds.dataset(paths, format="parquet").to_table(columns=columns)

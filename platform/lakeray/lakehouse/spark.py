@@ -1,0 +1,116 @@
+"""The one Spark session factory, with Delta Lake enabled from jars cached inside the project.
+
+The Delta jars are Maven artifacts, not part of the pip package. ``make setup`` calls
+:func:`resolve_delta_jars` once (through Spark's own Ivy), which copies them into
+``spark.jars_dir``; every session after that starts with ``spark.jars`` pointing there and never
+resolves anything at start-up, so it works offline.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from lakeray.errors import SetupError
+
+if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
+
+    from lakeray.config import Settings
+
+__all__ = ["DELTA_PACKAGE", "check_java", "delta_jars", "resolve_delta_jars", "create_spark_session"]
+
+# delta-spark 4.4.0 is the newest release whose jar is published for Spark 4.2 (4.4.1 is not).
+DELTA_PACKAGE = "io.delta:delta-spark_4.2_2.13:4.4.0"
+_MARKER = "RESOLVED"
+
+
+def check_java() -> str:
+    """Path of the java binary Spark will use; SetupError with the fix when there is none."""
+    java_home = os.environ.get("JAVA_HOME")
+    java = Path(java_home, "bin", "java") if java_home else None
+    if java is not None and java.is_file():
+        return str(java)
+    found = shutil.which("java")
+    if found:
+        return found
+    raise SetupError(
+        "Java was not found: Spark needs a JDK 17 or 21",
+        "install one (Debian: apt-get install -y openjdk-17-jre-headless) or set JAVA_HOME",
+    )
+
+
+def delta_jars(jars_dir: Path) -> list[str]:
+    """The cached Delta jars; SetupError naming `make setup` when they are missing."""
+    marker = jars_dir / _MARKER
+    jars = sorted(str(p) for p in jars_dir.glob("*.jar"))
+    if not marker.is_file() or marker.read_text().strip() != DELTA_PACKAGE or not jars:
+        raise SetupError(
+            f"the Delta jars ({DELTA_PACKAGE}) are not cached in {jars_dir}",
+            "run `make setup` (or `lakeray setup`) once, with access to Maven Central",
+        )
+    return jars
+
+
+def resolve_delta_jars(jars_dir: Path) -> list[str]:
+    """Resolve the Delta jars with Spark's Ivy into ``jars_dir``; a no-op when already there."""
+    try:
+        return delta_jars(jars_dir)
+    except SetupError:
+        pass
+    check_java()
+    from pyspark.sql import SparkSession
+
+    jars_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="lakeray-ivy-") as ivy:
+        spark = (
+            SparkSession.builder.master("local[1]")
+            .appName("lakeray-resolve-jars")
+            .config("spark.jars.packages", DELTA_PACKAGE)
+            .config("spark.jars.ivy", ivy)
+            .config("spark.ui.enabled", "false")
+            .getOrCreate()
+        )
+        spark.stop()
+        resolved = list(Path(ivy, "jars").glob("*.jar"))
+        if not any(p.name.startswith("io.delta_delta-spark") for p in resolved):
+            raise SetupError(f"Ivy did not resolve {DELTA_PACKAGE}", "check access to Maven Central")
+        for old in jars_dir.glob("*.jar"):
+            old.unlink()
+        for jar in resolved:
+            shutil.copy2(jar, jars_dir / jar.name)
+    (jars_dir / _MARKER).write_text(DELTA_PACKAGE + "\n")
+    return delta_jars(jars_dir)
+
+
+def create_spark_session(settings: Settings) -> SparkSession:
+    """Start (or return the process's running) Spark session for ``settings`` with Delta enabled."""
+    check_java()
+    jars = delta_jars(settings.jars_dir)
+    from pyspark.sql import SparkSession
+
+    cfg = settings.profile.spark
+    builder = (
+        SparkSession.builder.master(cfg.master)
+        .appName(cfg.app_name)
+        .config("spark.jars", ",".join(jars))
+        .config("spark.sql.extensions", "io.delta.sql.DeltaSparkSessionExtension")
+        .config("spark.sql.catalog.spark_catalog", "org.apache.spark.sql.delta.catalog.DeltaCatalog")
+        # Ray reads these tables with delta-rs, which (via ray.data.read_delta) cannot read deletion vectors.
+        .config("spark.databricks.delta.properties.defaults.enableDeletionVectors", "false")
+        .config("spark.sql.shuffle.partitions", str(cfg.shuffle_partitions))
+        .config("spark.driver.memory", cfg.driver_memory)
+        .config("spark.sql.session.timeZone", "UTC")
+        .config("spark.ui.enabled", "true" if cfg.ui else "false")
+        .config("spark.ui.showConsoleProgress", "false")
+        .config("spark.sql.warehouse.dir", f"{settings.storage_root}/spark-warehouse")
+        .config("spark.driver.extraJavaOptions", f"-Dderby.system.home={settings.storage_root}/derby")
+    )
+    for key, value in cfg.conf.items():
+        builder = builder.config(key, value)
+    spark = builder.getOrCreate()
+    spark.sparkContext.setLogLevel("ERROR")
+    return spark
