@@ -9,7 +9,7 @@ from __future__ import annotations
 from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 
-from lakeray.features import feature_job
+from lakeray.features import expect, feature_job
 
 DAY = 86_400
 
@@ -39,6 +39,13 @@ FEATURE_COLUMNS = [
     event_time="event_time",
     description="Per-transaction features: the customer's spend over the past 1/7/30 days, plus the label.",
     owner="risk-ml",
+    expectations=[
+        expect.not_null("transaction_id", "customer_id", "event_time", "amount", "is_fraud"),
+        expect.unique("transaction_id"),
+        expect.between("amount", min=0),
+        expect.between("cust_online_share_30d", min=0, max=1),
+        expect.row_count(min=1),
+    ],
 )
 def customer_aggregates(transactions: DataFrame) -> DataFrame:
     t = transactions.withColumn("_ts", F.col("event_time").cast("long"))

@@ -5,7 +5,7 @@ from lakeray.cli.main import settings_from
 
 @click.group()
 def features() -> None:
-    """Feature jobs and tables."""
+    """Feature jobs and tables: list, describe, run, history, show."""
 
 
 @features.command("list")
@@ -17,16 +17,40 @@ def list_jobs(ctx: click.Context) -> None:
 
     from lakeray.features.runner import discover_jobs
 
-    table = Table("table", "inputs", "entity keys", "owner", "description")
+    table = Table("table", "inputs", "entity keys", "write mode", "owner", "description")
     for job in discover_jobs(settings_from(ctx)).values():
-        table.add_row(job.name, ", ".join(job.inputs), ", ".join(job.entity_keys), job.owner, job.description)
+        table.add_row(job.name, ", ".join(job.inputs), ", ".join(job.entity_keys), job.write_mode, job.owner,
+                      job.description)
     Console().print(table)
+
+
+@features.command("describe")
+@click.argument("name")
+@click.pass_context
+def describe(ctx: click.Context, name: str) -> None:
+    """Show one feature job's declaration (keys, event time, expectations, code version)."""
+    import yaml
+
+    from lakeray.errors import ConfigError
+    from lakeray.features.runner import discover_jobs
+
+    jobs = discover_jobs(settings_from(ctx))
+    if name not in jobs:
+        raise ConfigError(f"no feature job named {name!r} (known: {', '.join(sorted(jobs)) or 'none'})",
+                          "see `lakeray features list`")
+    job = jobs[name]
+    data = job.model_dump(mode="json", exclude={"expectations"})
+    data["expectations"] = [f"{e.name} ({e.severity})" for e in job.expectations]
+    data["code_version"] = job.code_version
+    click.echo(yaml.safe_dump(data, sort_keys=False).rstrip())
 
 
 @features.command("run")
 @click.argument("name")
+@click.option("--start", default=None, help="First date of the range (partitions jobs), e.g. 2026-01-01.")
+@click.option("--end", default=None, help="Day after the last date of the range (exclusive).")
 @click.pass_context
-def run(ctx: click.Context, name: str) -> None:
+def run(ctx: click.Context, name: str, start: str | None, end: str | None) -> None:
     """Run feature job NAME on the latest input versions; prints the committed table version."""
     from lakeray.features.runner import run_feature_job
     from lakeray.lakehouse.spark import create_spark_session
@@ -34,8 +58,65 @@ def run(ctx: click.Context, name: str) -> None:
     settings = settings_from(ctx)
     spark = create_spark_session(settings)
     try:
-        result = run_feature_job(spark, settings, name)
+        result = run_feature_job(spark, settings, name, start=start, end=end)
     finally:
         spark.stop()
     inputs = ", ".join(f"{t}@{v}" for t, v in result.input_versions.items())
-    click.echo(f"{result.table}@{result.version}: {result.rows} rows from {inputs} in {result.seconds:.1f} s")
+    click.echo(f"{result.table}@{result.version}: {result.rows} rows from {inputs} in {result.seconds:.1f} s "
+               f"(run {result.run_id}, code {result.code_version})")
+    for check in result.expectations:
+        if not check["passed"]:
+            click.secho(f"  warn: {check['name']}: {check['detail']}", fg="yellow")
+
+
+@features.command("history")
+@click.argument("table")
+@click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True)
+@click.pass_context
+def history(ctx: click.Context, table: str, limit: int) -> None:
+    """Versions of TABLE: operation, rows, run id, input versions, code version."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from lakeray.lakehouse.delta import table_history
+    from lakeray.lakehouse.spark import create_spark_session
+
+    settings = settings_from(ctx)
+    spark = create_spark_session(settings)
+    try:
+        commits = table_history(spark, settings.table_path(table), limit)
+    finally:
+        spark.stop()
+    out = Table("version", "timestamp", "operation", "rows", "run id", "inputs", "code", title=table)
+    for c in commits:
+        run = c["run"]
+        inputs = ", ".join(f"{t}@{v}" for t, v in (run.get("inputs") or {}).items())
+        out.add_row(str(c["version"]), str(c["timestamp"]), c["operation"], str(c["rows"] or ""),
+                    run.get("lakeray_run_id", ""), inputs, run.get("code_version", ""))
+    Console().print(out)
+
+
+@features.command("show")
+@click.argument("table")
+@click.option("--version", type=click.IntRange(min=0), default=None, help="Table version (default: latest).")
+@click.option("--as-of", "as_of", default=None, help="Timestamp: the version current at that time.")
+@click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True)
+@click.pass_context
+def show(ctx: click.Context, table: str, version: int | None, as_of: str | None, limit: int) -> None:
+    """Rows of TABLE at a version or timestamp (time travel), without a JVM."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from lakeray.lakehouse.delta import read_arrow, version_at
+
+    settings = settings_from(ctx)
+    path = settings.table_path(table)
+    if as_of is not None:
+        if version is not None:
+            raise click.UsageError("--version and --as-of exclude each other")
+        version = version_at(path, as_of)
+    data = read_arrow(path, version).slice(0, limit)
+    out = Table(*data.column_names, title=f"{table}@{'latest' if version is None else version}")
+    for row in data.to_pylist():
+        out.add_row(*(str(v) for v in row.values()))
+    Console().print(out)

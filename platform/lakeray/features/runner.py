@@ -1,24 +1,34 @@
-"""Find feature jobs in the project's feature folders and run one into its Delta table."""
+"""Find feature jobs in the project's feature folders and run one into its Delta table.
+
+A run: pin each input's latest version, call the job, check the output's schema against the table's
+(no silent drops or retypes), evaluate the declared expectations on the output, and only then write
+one Delta commit whose history carries the run's lineage (run id, code version, input versions,
+expectation results). A failing ``error`` expectation or a refused schema change commits nothing.
+Every run, committed or refused, is appended to the run ledger ``<root>/_runs/feature_runs.jsonl``.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import importlib.util
+import inspect
+import json
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from lakeray.errors import ConfigError, DataQualityError
+from lakeray.errors import ConfigError, DataQualityError, LakerayError
 from lakeray.features.spec import FeatureJob
 
 if TYPE_CHECKING:
-    from pyspark.sql import SparkSession
+    from pyspark.sql import DataFrame, SparkSession
 
     from lakeray.config import Settings
 
-__all__ = ["FeatureRunResult", "discover_jobs", "run_feature_job"]
+__all__ = ["FeatureRunResult", "discover_jobs", "run_feature_job", "check_schema", "read_ledger"]
 
 
 @dataclass(frozen=True)
@@ -31,6 +41,10 @@ class FeatureRunResult:
     rows: int
     input_versions: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
+    run_id: str = ""
+    code_version: str = ""
+    expectations: list[dict[str, Any]] = field(default_factory=list)
+    partition_range: tuple[str, str] | None = None
 
 
 def _load_module(path: Path):
@@ -72,9 +86,67 @@ def discover_jobs(settings: Settings) -> dict[str, FeatureJob]:
     return jobs
 
 
-def run_feature_job(spark: SparkSession, settings: Settings, name: str) -> FeatureRunResult:
-    """Run job ``name`` on the latest version of its inputs; one atomic overwrite commit."""
-    from lakeray.lakehouse.delta import read_table, table_version, write_table
+def check_schema(table: str, existing: Any, output: Any, allow_column_changes: bool) -> list[str]:
+    """Refuse dropped or retyped columns unless allowed; returns the added columns."""
+    old = {f.name: f.dataType.simpleString() for f in existing.fields}
+    new = {f.name: f.dataType.simpleString() for f in output.fields}
+    dropped = sorted(set(old) - set(new))
+    retyped = sorted(f"{c} {old[c]} → {new[c]}" for c in set(old) & set(new) if old[c] != new[c])
+    if (dropped or retyped) and not allow_column_changes:
+        parts = ([f"drops {dropped}"] if dropped else []) + ([f"retypes {retyped}"] if retyped else [])
+        raise DataQualityError(f"{table}: the job's output {' and '.join(parts)} compared with the table",
+                               "restore the columns, or declare allow_column_changes=True; nothing was written")
+    return sorted(set(new) - set(old))
+
+
+def _ledger_path(settings: Settings) -> Path | None:
+    root = settings.storage_root
+    return None if "://" in root else Path(root, "_runs", "feature_runs.jsonl")
+
+
+def _record(settings: Settings, entry: dict[str, Any]) -> None:
+    path = _ledger_path(settings)
+    if path is None:  # object stores: the commit's userMetadata is the record
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as ledger:
+        ledger.write(json.dumps(entry, default=str) + "\n")
+
+
+def read_ledger(settings: Settings, table: str | None = None) -> list[dict[str, Any]]:
+    """Every recorded feature run (committed and refused), oldest first."""
+    path = _ledger_path(settings)
+    if path is None or not path.is_file():
+        return []
+    runs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in runs if table is None or r.get("table") == table]
+
+
+def _call(job: FeatureJob, inputs: dict[str, DataFrame], start: str | None, end: str | None) -> DataFrame:
+    params = inspect.signature(job.fn).parameters
+    kwargs: dict[str, Any] = dict(inputs)
+    if "start" in params or "end" in params:
+        kwargs.update(start=start, end=end)
+    output = job.fn(**kwargs)
+    if not hasattr(output, "schema") or not hasattr(output, "write"):
+        raise DataQualityError(f"feature job {job.name!r} returned {type(output).__name__}, not a DataFrame",
+                               f"return a pyspark DataFrame from {job.fn.__name__}; nothing was written")
+    return output
+
+
+def run_feature_job(spark: SparkSession, settings: Settings, name: str, start: str | None = None,
+                    end: str | None = None) -> FeatureRunResult:
+    """Run job ``name`` on the latest version of its inputs; one atomic commit (or none at all).
+
+    ``start``/``end`` (ISO dates, end exclusive) restrict a ``partitions`` job to that range: the job
+    function receives them when it declares ``start``/``end`` parameters, and only those partitions
+    are replaced, so re-running a range leaves the same rows.
+    """
+    from pyspark import StorageLevel
+    from pyspark.sql import functions as F
+
+    from lakeray.lakehouse.delta import merge_table, read_table, table_exists, table_version, write_table
+    from lakeray.lakehouse.quality import evaluate, raise_on_errors
 
     jobs = discover_jobs(settings)
     if name not in jobs:
@@ -82,32 +154,82 @@ def run_feature_job(spark: SparkSession, settings: Settings, name: str) -> Featu
         raise ConfigError(f"no feature job named {name!r} (known: {known})",
                           "check the name, or add the job under feature_paths")
     job = jobs[name]
+    if (start is None) != (end is None) or (start is not None and job.write_mode != "partitions"):
+        raise ConfigError(f"{name}: --start and --end go together, and only with write_mode 'partitions'",
+                          "pass both, or neither for a full run")
+    run_id = uuid.uuid4().hex[:16]
     started = time.perf_counter()
-    inputs = {}
-    input_versions = {}
-    for table in job.inputs:
-        path = settings.table_path(table)
-        # Pin the version first, then read exactly it: the lineage names what was really read.
-        input_versions[table] = table_version(spark, path)
-        inputs[table] = read_table(spark, path, input_versions[table])
-    output = job.fn(**inputs)
-    missing = [c for c in [*job.entity_keys, *([job.event_time] if job.event_time else [])]
-               if c not in output.columns]
-    if missing:
-        raise DataQualityError(f"feature job {name!r} returned no column(s) {missing}",
-                               f"return them from {job.fn.__name__} or fix the declaration; nothing was written")
-    path = settings.table_path(name)
-    version = write_table(output, path)
-    rows = _committed_rows(spark, path, version)
-    return FeatureRunResult(name, path, version, rows, input_versions, time.perf_counter() - started)
+    entry: dict[str, Any] = {"run_id": run_id, "table": name, "code_version": job.code_version,
+                             "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                             "range": [start, end] if start else None}
+    output = None
+    try:
+        inputs, input_versions = {}, {}
+        for table in job.inputs:
+            path = settings.table_path(table)
+            # Pin the version first, then read exactly it: the lineage names what was really read.
+            input_versions[table] = table_version(spark, path)
+            inputs[table] = read_table(spark, path, input_versions[table])
+        entry["inputs"] = input_versions
+        output = _call(job, inputs, start, end)
+        missing = [c for c in [*job.entity_keys, *([job.event_time] if job.event_time else []), *job.partition_by]
+                   if c not in output.columns]
+        if missing:
+            raise DataQualityError(f"feature job {name!r} returned no column(s) {missing}",
+                                   f"return them from {job.fn.__name__} or fix the declaration; nothing was written")
+        path = settings.table_path(name)
+        exists = table_exists(spark, path)
+        added = check_schema(name, read_table(spark, path).schema, output.schema, job.allow_column_changes) \
+            if exists else []
+        replace_where = None
+        if start is not None:
+            part = job.partition_by[0]
+            replace_where = f"`{part}` >= '{start}' AND `{part}` < '{end}'"
+            outside = output.where(~F.expr(replace_where)).limit(1).count()
+            if outside:
+                raise DataQualityError(f"{name}: the job returned rows outside [{start}, {end}) of {part}",
+                                       "filter the output to the run's range; nothing was written")
+        # Checks and the write both read the output: compute it once.
+        output = output.persist(StorageLevel.MEMORY_AND_DISK)
+        results = evaluate(output, job.expectations)
+        entry["expectations"] = [r.model_dump() for r in results]
+        raise_on_errors(name, results)
+        metadata = json.dumps({"lakeray_run_id": run_id, "code_version": job.code_version,
+                               "inputs": input_versions, "range": entry["range"],
+                               "expectations": {r.name: "pass" if r.passed else f"FAIL({r.failing_rows})"
+                                                for r in results}})
+        if job.write_mode == "merge":
+            version = merge_table(output, path, job.merge_keys, user_metadata=metadata)
+        else:
+            version = write_table(output, path, partition_by=job.partition_by or None,
+                                  replace_where=replace_where if exists else None,
+                                  user_metadata=metadata, merge_schema=bool(added))
+        rows = _committed_rows(spark, path, version)
+    except LakerayError as exc:
+        entry.update(status="refused", error=exc.headline, seconds=round(time.perf_counter() - started, 2))
+        _record(settings, entry)
+        raise
+    finally:
+        if output is not None and output.is_cached:
+            output.unpersist()
+    result = FeatureRunResult(name, path, version, rows, input_versions, time.perf_counter() - started, run_id,
+                              job.code_version, entry["expectations"], (start, end) if start else None)
+    entry.update(status="committed", version=version, rows=rows, seconds=round(result.seconds, 2))
+    _record(settings, entry)
+    return result
 
 
 def _committed_rows(spark: SparkSession, path: str, version: int) -> int:
-    """Row count of the commit, from the Delta log's operation metrics (no table scan)."""
+    """Rows written by the commit, from the Delta log's operation metrics (no table scan)."""
     from delta.tables import DeltaTable
 
     history = DeltaTable.forPath(spark, path).history().where(f"version = {version}").first()
     metrics = history["operationMetrics"] or {}
-    if "numOutputRows" in metrics:
-        return int(metrics["numOutputRows"])
+    for key in ("numOutputRows", "numTargetRowsInserted"):
+        if key in metrics:
+            rows = int(metrics[key])
+            if key == "numTargetRowsInserted":
+                rows += int(metrics.get("numTargetRowsUpdated", 0))
+            return rows
     return spark.read.format("delta").option("versionAsOf", version).load(path).count()
+

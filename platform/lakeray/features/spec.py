@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from lakeray.lakehouse.quality import Expectation
 
 __all__ = ["FeatureJob", "feature_job"]
 
@@ -35,8 +37,40 @@ class FeatureJob(BaseModel):
     event_time: str | None = Field(None, description="Event-time column of the output.")
     description: str = Field("", description="What the table holds, for `lakeray features list`.")
     owner: str = Field("", description="Team or person to ask about the table.")
+    write_mode: Literal["overwrite", "partitions", "merge"] = Field(
+        "overwrite",
+        description="overwrite: full refresh. partitions: replace only the partitions of the run's date "
+        "range (replaceWhere on partition_by[0]). merge: upsert by entity_keys (+ event_time).",
+    )
+    partition_by: list[str] = Field(default_factory=list, description="Partition columns of the table.")
+    expectations: list[Expectation] = Field(default_factory=list, description="Quality gate, checked "
+                                            "on the output before commit.")
+    allow_column_changes: bool = Field(False, description="Allow dropping or retyping existing columns "
+                                       "(added columns are always allowed).")
     fn: Callable[..., Any] = Field(description="The PySpark function.", exclude=True)
     source: str = Field("", description="File the job was loaded from.")
+
+    @model_validator(mode="after")
+    def _mode_needs(self) -> "FeatureJob":
+        if self.write_mode == "partitions" and not self.partition_by:
+            raise ValueError("write_mode 'partitions' needs partition_by (a date column)")
+        if self.write_mode == "merge" and not self.entity_keys:
+            raise ValueError("write_mode 'merge' needs entity_keys")
+        return self
+
+    @property
+    def merge_keys(self) -> list[str]:
+        return [*self.entity_keys, *([self.event_time] if self.event_time else [])]
+
+    @property
+    def code_version(self) -> str:
+        """Content hash of the job's source file: two runs with the same hash ran the same code."""
+        import hashlib
+        from pathlib import Path
+
+        if not self.source or not Path(self.source).is_file():
+            return "unknown"
+        return hashlib.sha256(Path(self.source).read_bytes()).hexdigest()[:12]
 
     @field_validator("name")
     @classmethod

@@ -11,7 +11,7 @@ if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
 
 __all__ = ["write_table", "merge_table", "table_version", "table_exists", "table_history", "read_table", "read_arrow",
-           "table_files"]
+           "table_files", "version_at"]
 
 
 def write_table(
@@ -163,3 +163,25 @@ def read_arrow(
         return pa.Table.from_batches([], schema=schema).select(columns or schema.names)
     paths = [f.removeprefix("file://") for f in files]
     return ds.dataset(paths, format="parquet").to_table(columns=columns)
+
+
+def version_at(path: str, timestamp: str) -> int:
+    """The version that was current at ``timestamp`` (ISO 8601, UTC when no zone is given)."""
+    import datetime as dt
+
+    try:
+        when = dt.datetime.fromisoformat(timestamp)
+    except ValueError:
+        raise TableNotFoundError(f"{timestamp!r} is not an ISO timestamp", "use e.g. 2026-11-25T10:00:00") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.timezone.utc)
+    cutoff_ms = when.timestamp() * 1000
+    commits = [c for c in _open(path, None).history() if c.get("timestamp") is not None]
+    eligible = [int(c["version"]) for c in commits if c["timestamp"] <= cutoff_ms]
+    if not eligible:
+        first = min(commits, key=lambda c: c["timestamp"])
+        created = dt.datetime.fromtimestamp(first["timestamp"] / 1000, dt.timezone.utc).isoformat()
+        raise TableNotFoundError(f"{path} did not exist yet at {when.isoformat()} (first commit {created})",
+                                 "pick a later timestamp or a version from `lakeray features history`")
+    return max(eligible)
+
