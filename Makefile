@@ -41,6 +41,7 @@ test-quick: setup
 
 bench: setup
 	$(PY) bench/train_xgboost.py
+	$(PY) bench/pit_join.py
 
 lint: setup
 	$(VENV)/bin/lint-imports

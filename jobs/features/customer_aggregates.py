@@ -37,10 +37,10 @@ FEATURE_COLUMNS = [
     inputs=["transactions"],
     entity_keys=["customer_id"],
     event_time="event_time",
-    description="Per-transaction features: the customer's spend over the past 1/7/30 days, plus the label.",
+    description="Per-transaction features: the customer's spend over the past 1/7/30 days.",
     owner="risk-ml",
     expectations=[
-        expect.not_null("transaction_id", "customer_id", "event_time", "amount", "is_fraud"),
+        expect.not_null("transaction_id", "customer_id", "event_time", "amount"),
         expect.unique("transaction_id"),
         expect.between("amount", min=0),
         expect.between("cust_online_share_30d", min=0, max=1),
@@ -76,5 +76,4 @@ def customer_aggregates(transactions: DataFrame) -> DataFrame:
     return out.select(
         "transaction_id", "customer_id", "event_time",
         *[F.col(c).cast("double").alias(c) for c in FEATURE_COLUMNS],
-        F.col("is_fraud").cast("int").alias("is_fraud"),
     )

@@ -1,9 +1,11 @@
-"""The end-to-end path on the embedded default: data → features → training → registry → endpoint.
+"""The end-to-end path on the embedded default: data → features → training set → training → endpoint.
 
 Each stage hands the next a *committed version*, never a DataFrame or a file list: the generator
-commits ``transactions@N``, the feature job reads exactly that version and commits
-``customer_aggregates@M``, training reads exactly ``@M`` and tags the MLflow run with it, Serve loads
-the version the ``champion`` alias pointed to at deploy time.
+commits ``transactions@N``; the declared feature job reads exactly that version, passes its quality
+gate and commits ``customer_aggregates@M``; the labels are split off into ``fraud_labels@L``; the
+point-in-time training set joins them as of each label's time into ``fraud_training_set@S`` with a
+manifest; training reads exactly ``@S`` and tags the MLflow run with it; Serve loads the version the
+``champion`` alias pointed to at deploy time.
 """
 
 from __future__ import annotations
@@ -16,12 +18,17 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from lakeray.config import Settings
+    from lakeray.features.training_sets import TrainingSetResult
 
-__all__ = ["DemoResult", "run_demo", "STAGES", "FEATURE_JOB", "LABEL", "ID_COLUMN"]
+__all__ = ["DemoResult", "run_demo", "build_demo_training_set", "STAGES", "FEATURE_JOB", "LABEL", "ID_COLUMN"]
 
-STAGES = ["spark", "data", "features", "ray", "train", "serve", "predict"]
+STAGES = ["spark", "data", "features", "training_set", "ray", "train", "serve", "predict"]
 FEATURE_JOB = "customer_aggregates"
 SOURCE_TABLE = "transactions"
+LABELS_TABLE = "fraud_labels"
+TRAINING_SET = "fraud_training_set"
+ENTITY_KEY = "customer_id"
+EVENT_TIME = "event_time"
 LABEL = "is_fraud"
 ID_COLUMN = "transaction_id"
 
@@ -34,6 +41,11 @@ class DemoResult:
     feature_table: str = FEATURE_JOB
     feature_table_version: int | None = None
     feature_rows: int = 0
+    feature_checks: dict[str, bool] = field(default_factory=dict)
+    training_set: str = TRAINING_SET
+    training_set_version: int | None = None
+    training_set_rows: int = 0
+    training_set_hash: str | None = None
     features: list[str] = field(default_factory=list)
     auc: float | None = None
     train_rows: int = 0
@@ -74,7 +86,7 @@ def _sample_instances(settings: Settings, result: DemoResult, count: int) -> tup
     from lakeray.lakehouse.delta import read_arrow
     from lakeray.training.data import holdout_mask
 
-    table = read_arrow(settings.table_path(FEATURE_JOB), result.feature_table_version,
+    table = read_arrow(settings.table_path(TRAINING_SET), result.training_set_version,
                        columns=[ID_COLUMN, LABEL, *result.features])
     table = table.filter(holdout_mask(table.column(ID_COLUMN).to_numpy(), settings.profile.train.test_fraction))
     frauds = table.filter(pc.equal(table.column(LABEL), 1)).slice(0, count // 2)
@@ -86,6 +98,28 @@ def _sample_instances(settings: Settings, result: DemoResult, count: int) -> tup
                               for f in result.features})
             meta.append({ID_COLUMN: row[ID_COLUMN], LABEL: row[LABEL]})
     return instances, meta
+
+
+def build_demo_training_set(spark: Any, settings: Settings, source_version: int, feature_version: int
+                            ) -> tuple[TrainingSetResult, list[str]]:
+    """Split the labels off ``transactions@source_version`` and join them point-in-time with the features.
+
+    Labels live apart from features; the join brings them together as of each label's event time,
+    pinned to the versions given. Returns the build result and the feature column names.
+    """
+    from lakeray.features.training_sets import TrainingSetSpec, build_training_set
+    from lakeray.lakehouse.delta import read_table, write_table
+
+    labels = read_table(spark, settings.table_path(SOURCE_TABLE), source_version)
+    labels_version = write_table(labels.select(ID_COLUMN, ENTITY_KEY, EVENT_TIME, LABEL),
+                                 settings.table_path(LABELS_TABLE))
+    feature_columns = [c for c in read_table(spark, settings.table_path(FEATURE_JOB), feature_version).columns
+                       if c not in (ID_COLUMN, ENTITY_KEY, EVENT_TIME)]
+    built = build_training_set(spark, settings, TrainingSetSpec(
+        name=TRAINING_SET, labels=LABELS_TABLE, labels_version=labels_version, entity_keys=[ENTITY_KEY],
+        event_time=EVENT_TIME,
+        features=[{"table": FEATURE_JOB, "version": feature_version, "columns": feature_columns}]))
+    return built, feature_columns
 
 
 def run_demo(settings: Settings, rows: int = 200_000, seed: int = 42, predictions: int = 6,
@@ -115,14 +149,20 @@ def run_demo(settings: Settings, rows: int = 200_000, seed: int = 42, prediction
         with _stage(result, "features", progress):
             run = run_feature_job(spark, settings, FEATURE_JOB)
             result.feature_table_version, result.feature_rows = run.version, run.rows
+            result.feature_checks = {c["name"]: c["passed"] for c in run.expectations}
+        with _stage(result, "training_set", progress):
+            built, feature_columns = build_demo_training_set(spark, settings, result.source_table_version,
+                                                             run.version)
+            result.training_set_version, result.training_set_rows = built.version, built.rows
+            result.training_set_hash = built.content_hash
         # Spark is done: give its memory and cores back before Ray starts on the same machine.
         spark.stop()
         spark = None
         with _stage(result, "ray", progress):
             ray_handle = start_ray(settings)
         with _stage(result, "train", progress):
-            spec = make_spec(settings, FEATURE_JOB, result.feature_table_version, LABEL, ID_COLUMN,
-                             exclude=("customer_id",))
+            spec = make_spec(settings, TRAINING_SET, result.training_set_version, LABEL, ID_COLUMN,
+                             features=feature_columns)
             report = train_and_register(settings, spec, alias="champion")
             result.features = spec.features
             result.auc = round(report.auc, 4)

@@ -49,7 +49,9 @@ def test_demo_json_summary(first_run):
     preds = first_run["predictions"]
     assert len(preds) >= 2 and all(0.0 <= p["fraud_probability"] <= 1.0 for p in preds)
     assert all(p["model_version"] == first_run["model_version"] for p in preds)
-    assert set(first_run["stage_seconds"]) == {"spark", "data", "features", "ray", "train", "serve", "predict"}
+    assert set(first_run["stage_seconds"]) == {"spark", "data", "features", "training_set", "ray", "train", "serve",
+                                               "predict"}
+    assert first_run["training_set_rows"] == ROWS and all(first_run["feature_checks"].values())
 
 
 def test_interrupted_demo_exits_cleanly_and_the_next_run_succeeds(first_run, demo_env):
@@ -84,4 +86,5 @@ def test_interrupted_demo_exits_cleanly_and_the_next_run_succeeds(first_run, dem
     assert read_arrow(str(tables / "transactions")).num_rows == ROWS
     assert read_arrow(str(tables / "customer_aggregates")).num_rows == ROWS
     assert second["model_version"] > first_run["model_version"]
+    assert second["training_set_hash"] == first_run["training_set_hash"]  # same seed: same rows, bit for bit
     assert second["auc"] == pytest.approx(first_run["auc"], abs=1e-9)  # same seed, same data, same model

@@ -14,16 +14,20 @@ def feature_version(spark, settings):
     from lakeray.features.synthetic import generate_transactions
     from lakeray.lakehouse.delta import write_table
 
-    write_table(generate_transactions(spark, 30_000, seed=11), settings.table_path("transactions"))
-    return run_feature_job(spark, settings, "customer_aggregates").version
+    from lakeray.demo import build_demo_training_set
+
+    source = write_table(generate_transactions(spark, 30_000, seed=11), settings.table_path("transactions"))
+    features = run_feature_job(spark, settings, "customer_aggregates").version
+    built, columns = build_demo_training_set(spark, settings, source, features)
+    return built.version, columns
 
 
 @pytest.fixture(scope="module")
 def report(settings, ray_handle, feature_version):
     from lakeray.training.api import make_spec, train_and_register
 
-    spec = make_spec(settings, "customer_aggregates", feature_version, "is_fraud", "transaction_id",
-                     exclude=("customer_id",))
+    version, columns = feature_version
+    spec = make_spec(settings, "fraud_training_set", version, "is_fraud", "transaction_id", features=columns)
     return train_and_register(settings, spec, alias="champion")
 
 
@@ -41,7 +45,7 @@ def test_training_registers_model_with_alias_and_lineage(settings, report, featu
     version = client.get_model_version_by_alias(report.model.name, "champion")
     assert int(version.version) == report.model.version
     run = client.get_run(version.run_id)
-    assert run.data.tags["lakeray.input"] == f"customer_aggregates@{feature_version}"
+    assert run.data.tags["lakeray.input"] == f"fraud_training_set@{feature_version[0]}"
     assert float(run.data.metrics["auc"]) == pytest.approx(report.auc)
     assert run.data.params["num_workers"] == "2"
     # Both workers trained: the held-out rows plus the training rows are the whole table.

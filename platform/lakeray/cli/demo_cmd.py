@@ -7,7 +7,8 @@ from lakeray.cli.main import settings_from
 _LABELS = {
     "spark": "start Spark (Delta from cached jars)",
     "data": "generate transactions → Delta",
-    "features": "feature job customer_aggregates → Delta",
+    "features": "feature job customer_aggregates (quality gate) → Delta",
+    "training_set": "point-in-time training set + manifest",
     "ray": "start Ray",
     "train": "XGBoost on Ray Train (2 workers) → MLflow",
     "serve": "deploy champion on Ray Serve",
@@ -68,6 +69,9 @@ def _print_summary(console, result) -> None:
     summary.add_row("rows generated", f"{result.rows:,} → {result.source_table}@{result.source_table_version}")
     summary.add_row("feature table", f"{result.feature_table}@{result.feature_table_version} "
                                      f"({result.feature_rows:,} rows, {len(result.features)} features)")
+    summary.add_row("training set", f"{result.training_set}@{result.training_set_version} "
+                                    f"({result.training_set_rows:,} rows, hash {result.training_set_hash})")
+    summary.add_row("quality gate", ", ".join(f"{k} {'ok' if v else 'WARN'}" for k, v in result.feature_checks.items()))
     summary.add_row("held-out AUC", f"{result.auc:.4f} on {result.test_rows:,} rows")
     summary.add_row("model", f"{result.model_uri} → version {result.model_version} (run {result.run_id})")
     summary.add_row("training", f"boosting {result.train_s:.1f} s + start-up {result.train_startup_s:.1f} s")

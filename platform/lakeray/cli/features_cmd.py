@@ -120,3 +120,49 @@ def show(ctx: click.Context, table: str, version: int | None, as_of: str | None,
     for row in data.to_pylist():
         out.add_row(*(str(v) for v in row.values()))
     Console().print(out)
+
+
+@features.command("training-set")
+@click.argument("spec_file", type=click.Path(exists=True, dir_okay=False))
+@click.pass_context
+def training_set(ctx: click.Context, spec_file: str) -> None:
+    """Build the point-in-time training set described by SPEC_FILE (YAML); writes table + manifest."""
+    import yaml
+
+    from lakeray.features.training_sets import TrainingSetSpec, build_training_set
+    from lakeray.lakehouse.spark import create_spark_session
+
+    settings = settings_from(ctx)
+    spec = TrainingSetSpec.parse(yaml.safe_load(open(spec_file)) or {}, spec_file)
+    spark = create_spark_session(settings)
+    try:
+        result = build_training_set(spark, settings, spec)
+    finally:
+        spark.stop()
+    inputs = ", ".join(f"{t}@{v}" for t, v in result.inputs.items())
+    click.echo(f"{result.table}@{result.version}: {result.rows} rows from {inputs}; hash {result.content_hash}; "
+               f"manifest {result.manifest_path}")
+
+
+@features.command("rebuild")
+@click.argument("name")
+@click.option("--version", type=click.IntRange(min=0), default=None, help="Manifest version (default: latest).")
+@click.option("--into", default=None, help="Write into another table (default: a new version of NAME).")
+@click.pass_context
+def rebuild(ctx: click.Context, name: str, version: int | None, into: str | None) -> None:
+    """Rebuild a training set from its manifest and check the content hash matches."""
+    from lakeray.errors import DataQualityError
+    from lakeray.features.training_sets import load_manifest, rebuild_training_set
+    from lakeray.lakehouse.spark import create_spark_session
+
+    settings = settings_from(ctx)
+    manifest = load_manifest(settings, name, version)
+    spark = create_spark_session(settings)
+    try:
+        result = rebuild_training_set(spark, settings, manifest, into)
+    finally:
+        spark.stop()
+    if result.content_hash != manifest["content_hash"]:
+        raise DataQualityError(f"rebuild of {name}@{manifest['version']} differs: {result.content_hash} vs "
+                               f"{manifest['content_hash']}", "an input version was vacuumed or rewritten")
+    click.echo(f"{result.table}@{result.version}: identical to {name}@{manifest['version']} ({result.rows} rows)")

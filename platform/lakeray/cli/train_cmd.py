@@ -4,7 +4,7 @@ from lakeray.cli.main import settings_from
 
 
 @click.command()
-@click.option("--table", default="customer_aggregates", show_default=True)
+@click.option("--table", default="fraud_training_set", show_default=True)
 @click.option("--version", type=click.IntRange(min=0), default=None, help="Table version (default: latest).")
 @click.option("--label", default="is_fraud", show_default=True)
 @click.option("--id-column", default="transaction_id", show_default=True, help="Column hashed for the split.")

@@ -36,6 +36,14 @@ _HAPROXY_PATHS = {
 }
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def local_num_cpus() -> int:
     """Default logical CPUs of a local Ray: the machine's cores plus two."""
     return (os.cpu_count() or 2) + 2
@@ -99,6 +107,10 @@ def start_ray(settings: Settings) -> RayHandle:
         base = f"/tmp/lakeray-haproxy-{settings.profile.serve.port}"
         for key, name in _HAPROXY_PATHS.items():
             os.environ.setdefault(key, f"{base}/{name}" if name else base)
+        # Its stats (8404) and metrics (9101) listeners have fixed default ports too: a second local
+        # cluster's HAProxy would die on start. Take free ports unless the operator pinned them.
+        for key in ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT"):
+            os.environ.setdefault(key, str(_free_port()))
     # Ray logs "deduplication" and usage-stats banners that drown the CLI's output.
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")

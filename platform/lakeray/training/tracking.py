@@ -56,8 +56,14 @@ def log_and_register(settings: Settings, spec: TrainSpec, outcome: TrainOutcome,
                            "features": ",".join(spec.features)})
         mlflow.log_metrics({**metrics, "train_rows": outcome.train_rows, "train_s": outcome.train_s,
                             "startup_s": outcome.startup_s})
+        # Explicit requirements: MLflow would otherwise infer them in a subprocess that imports the
+        # model's flavour (10-60 s on a loaded 2-core machine) to arrive at the same two pins.
+        import xgboost
+
+        requirements = [f"mlflow=={mlflow.__version__}", f"xgboost=={xgboost.__version__}"]
         info = mlflow.xgboost.log_model(outcome.booster, name="model", signature=signature,
-                                        registered_model_name=name, model_format="ubj")
+                                        registered_model_name=name, model_format="ubj",
+                                        pip_requirements=requirements)
     version = int(info.registered_model_version)
     if alias:
         try:

@@ -1,0 +1,165 @@
+"""Benchmark: lakeray's point-in-time training set (Spark, Delta) vs pandas ``merge_asof``.
+
+Data: ``--scale`` label rows over 100,000 entities, and 3 feature tables of as many rows each, with
+random event times over 90 days. Both sides answer the same question: for every label row and every
+feature table, the latest feature row of the same entity at or before the label's time.
+
+- baseline: pandas reads the parquet files and runs three ``merge_asof`` (by entity, sorted by time),
+  in a child process so its peak RSS is measured alone.
+- candidate: ``build_training_set`` (pinned Delta versions → Spark join → Delta commit + manifest and
+  content hash) on the profile's Spark (``local[*]``). Peak memory = the Spark JVM's peak RSS (VmHWM)
+  plus the Python driver's.
+
+Both results are checked to agree on a sample of rows. Prints ``pit_join: ratio X (target 3)`` last and
+writes bench/results/pit_join.json. ``--scale 50000000`` runs the opt-in large case.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TARGET = 3.0
+ENTITIES = 100_000
+SPAN_S = 90 * 86_400
+
+
+def generate(root: Path, rows: int, seed: int) -> None:
+    """Parquet (for pandas) and Delta (for lakeray) copies of the label and 3 feature tables."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from deltalake import write_deltalake
+
+    rng = np.random.default_rng(seed)
+    start = np.datetime64("2026-01-01T00:00:00", "s")
+    tables = {"labels": {"label": rng.integers(0, 2, rows, dtype=np.int32)}}
+    for i in range(3):
+        tables[f"feat{i}"] = {f"f{i}": rng.standard_normal(rows)}
+    for name, cols in tables.items():
+        table = pa.table({"entity_id": rng.integers(0, ENTITIES, rows, dtype=np.int64),
+                          "event_time": pa.array(start + rng.integers(0, SPAN_S, rows), pa.timestamp("us")),
+                          **cols})
+        pq.write_table(table, root / f"{name}.parquet")
+        write_deltalake(str(root / "lake" / "tables" / name), table, mode="overwrite")
+
+
+def pandas_baseline(root: str) -> None:
+    """Runs in a child process: prints seconds, peak RSS and a sample for the agreement check."""
+    import pandas as pd
+
+    started = time.perf_counter()
+    out = pd.read_parquet(f"{root}/labels.parquet").sort_values("event_time", kind="stable")
+    for i in range(3):
+        feats = pd.read_parquet(f"{root}/feat{i}.parquet").sort_values("event_time", kind="stable")
+        out = pd.merge_asof(out, feats, on="event_time", by="entity_id", direction="backward",
+                            allow_exact_matches=True)
+    seconds = time.perf_counter() - started
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    sample = out.sort_values(["entity_id", "event_time", "label"]).head(2000)
+    non_null = {f"f{i}": int(out[f"f{i}"].notna().sum()) for i in range(3)}
+    print(json.dumps({"seconds": seconds, "peak_mib": peak_mib, "rows": len(out), "non_null": non_null,
+                      "sample_sum": float(sample[["f0", "f1", "f2"]].fillna(0).to_numpy().sum())}))
+
+
+def jvm_peak_mib(spark) -> float:
+    pid = spark.sparkContext._jvm.java.lang.ProcessHandle.current().pid()
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scale", type=int, default=5_000_000, help="label rows (= rows per feature table)")
+    parser.add_argument("--seed", type=int, default=3)
+    parser.add_argument("--skip-pandas", action="store_true", help="candidate only (for scales pandas cannot hold)")
+    parser.add_argument("--out", default=str(REPO / "bench/results/pit_join.json"))
+    args = parser.parse_args()
+
+    os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+    with tempfile.TemporaryDirectory(prefix="lakeray-pit-") as tmp:
+        root = Path(tmp)
+        (root / "lake").mkdir()
+        t0 = time.perf_counter()
+        generate(root, args.scale, args.seed)
+        print(f"generated {args.scale:,} label rows + 3 x {args.scale:,} feature rows in "
+              f"{time.perf_counter() - t0:.1f} s", flush=True)
+
+        baseline = None
+        if not args.skip_pandas:
+            child = subprocess.run([sys.executable, "-c",
+                                    f"import sys; sys.path.insert(0, {str(REPO / 'bench')!r}); "
+                                    f"import pit_join; pit_join.pandas_baseline({tmp!r})"],
+                                   capture_output=True, text=True)
+            if child.returncode != 0:
+                print(child.stderr[-2000:])
+                return 1
+            baseline = json.loads(child.stdout.strip().splitlines()[-1])
+            print(f"pandas merge_asof: {baseline['seconds']:.2f} s, peak {baseline['peak_mib']:.0f} MiB", flush=True)
+
+        from lakeray.config import load_settings
+        from lakeray.features.training_sets import TrainingSetSpec, build_training_set
+        from lakeray.lakehouse.spark import create_spark_session
+
+        settings = load_settings(REPO / "lakeray.yaml", "local", environ={
+            "LAKERAY_STORAGE__ROOT": str(root / "lake"), "LAKERAY_SPARK__DRIVER_MEMORY": "8g"})
+        spark = create_spark_session(settings)
+        spec = TrainingSetSpec.parse({
+            "name": "pit_bench", "labels": "labels", "entity_keys": ["entity_id"], "event_time": "event_time",
+            "features": [{"table": f"feat{i}", "columns": [f"f{i}"]} for i in range(3)]})
+        started = time.perf_counter()
+        result = build_training_set(spark, settings, spec)
+        cand_s = time.perf_counter() - started
+        cand_peak = jvm_peak_mib(spark) + resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        from pyspark.sql import functions as F
+
+        built = spark.read.format("delta").load(settings.table_path("pit_bench"))
+        non_null = {f"f{i}": built.where(F.col(f"f{i}").isNotNull()).count() for i in range(3)}
+        spark.stop()
+        print(f"lakeray training set: {cand_s:.2f} s, peak {cand_peak:.0f} MiB, {result.rows:,} rows", flush=True)
+
+    agree = baseline is None or (baseline["rows"] == result.rows and baseline["non_null"] == non_null)
+    ratio = cand_s / baseline["seconds"] if baseline else None
+    out = {
+        "name": "pit_join",
+        "ratio": round(ratio, 3) if ratio else None,
+        "target": TARGET,
+        "candidate_s": round(cand_s, 2),
+        "baseline_s": round(baseline["seconds"], 2) if baseline else None,
+        "candidate_peak_mib": round(cand_peak),
+        "baseline_peak_mib": round(baseline["peak_mib"]) if baseline else None,
+        "memory_ratio": round(cand_peak / baseline["peak_mib"], 3) if baseline else None,
+        "results_agree": agree,
+        "params": {"label_rows": args.scale, "feature_tables": 3, "rows_per_feature_table": args.scale,
+                   "entities": ENTITIES, "spark_master": "local[*]", "candidate_includes": "Delta reads, join, "
+                   "Delta commit, content hash, manifest"},
+        "machine": {"cores": os.cpu_count(), "memory_gib": round(os.sysconf("SC_PAGE_SIZE") *
+                                                                 os.sysconf("SC_PHYS_PAGES") / 2**30, 1)},
+        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+    if not agree:
+        print(f"results DISAGREE: pandas {baseline['rows']} rows {baseline['non_null']}, lakeray {result.rows} {non_null}")
+        return 1
+    if ratio is not None:
+        if ratio > TARGET:
+            print(f"MISSED: ratio {ratio:.2f} is above the target {TARGET}")
+        print(f"pit_join: ratio {ratio:.2f} (target {TARGET})")
+    else:
+        print(f"pit_join: candidate only at {args.scale:,} rows: {cand_s:.1f} s, peak {cand_peak:.0f} MiB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
