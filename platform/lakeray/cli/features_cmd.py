@@ -5,7 +5,7 @@ from lakeray.cli.main import settings_from
 
 @click.group()
 def features() -> None:
-    """Feature jobs and tables: list, describe, run, history, show."""
+    """Feature jobs and tables: list, describe, run, backfill, history, show, training sets, vacuum."""
 
 
 @features.command("list")
@@ -67,6 +67,54 @@ def run(ctx: click.Context, name: str, start: str | None, end: str | None) -> No
     for check in result.expectations:
         if not check["passed"]:
             click.secho(f"  warn: {check['name']}: {check['detail']}", fg="yellow")
+
+
+@features.command("backfill")
+@click.argument("name")
+@click.option("--start", required=True, help="First date, e.g. 2026-01-01.")
+@click.option("--end", required=True, help="Day after the last date (exclusive).")
+@click.option("--step-days", type=click.IntRange(min=1), default=1, show_default=True, help="Days per commit.")
+@click.option("--force", is_flag=True, help="Rerun chunks already committed by the same code version.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per chunk instead of a bar.")
+@click.pass_context
+def backfill_cmd(ctx: click.Context, name: str, start: str, end: str, step_days: int, force: bool,
+                 as_json: bool) -> None:
+    """Run partitions job NAME over [START, END), one commit per chunk; resumable.
+
+    Chunks already committed by the same code version are skipped, so rerunning an interrupted
+    backfill picks up where it stopped.
+    """
+    import dataclasses
+    import json
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from lakeray.features.backfill import backfill, plan_chunks
+    from lakeray.lakehouse.spark import create_spark_session
+
+    settings = settings_from(ctx)
+    total = len(plan_chunks(start, end, step_days))  # validates the range before Spark starts
+    spark = create_spark_session(settings)
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        disable=as_json)
+    try:
+        with progress:
+            task = progress.add_task(f"backfill {name}", total=total)
+
+            def report(chunk) -> None:
+                if as_json:
+                    click.echo(json.dumps(dataclasses.asdict(chunk)))
+                else:
+                    note = f"v{chunk.version} {chunk.rows} rows" if chunk.status == "committed" else chunk.reason
+                    progress.console.print(f"{chunk.start}..{chunk.end} {chunk.status}: {note}")
+                progress.advance(task)
+
+            results = backfill(spark, settings, name, start, end, step_days, force, on_chunk=report)
+    finally:
+        spark.stop()
+    done = sum(r.status == "committed" for r in results)
+    if not as_json:
+        click.echo(f"{name}: {done} chunk(s) committed, {len(results) - done} skipped")
 
 
 @features.command("history")
@@ -166,3 +214,34 @@ def rebuild(ctx: click.Context, name: str, version: int | None, into: str | None
         raise DataQualityError(f"rebuild of {name}@{manifest['version']} differs: {result.content_hash} vs "
                                f"{manifest['content_hash']}", "an input version was vacuumed or rewritten")
     click.echo(f"{result.table}@{result.version}: identical to {name}@{manifest['version']} ({result.rows} rows)")
+
+
+@features.command("vacuum")
+@click.argument("tables", nargs=-1)
+@click.option("--retain-hours", type=click.FloatRange(min=0), default=168.0, show_default=True,
+              help="Keep files any version newer than this needs (Delta's default: 7 days).")
+@click.option("--dry-run", is_flag=True, help="List what would be deleted; delete nothing.")
+@click.pass_context
+def vacuum_cmd(ctx: click.Context, tables: tuple[str, ...], retain_hours: float, dry_run: bool) -> None:
+    """Delete old data files of TABLES (default: all), never those of a version still referenced.
+
+    Versions pinned by a training-set manifest or by a registered model's training run are kept,
+    however old; the output says which versions were kept and why.
+    """
+    from lakeray.features.retention import vacuum
+    from lakeray.lakehouse.spark import create_spark_session
+
+    settings = settings_from(ctx)
+    spark = create_spark_session(settings)
+    try:
+        results = vacuum(spark, settings, list(tables) or None, retain_hours, dry_run)
+    finally:
+        spark.stop()
+    verb = "would delete" if dry_run else "deleted"
+    for r in results:
+        click.echo(f"{r.table}@{r.latest_version}: {verb} {len(r.deleted_files)} file(s); retention "
+                   f"{r.retain_hours:.1f} h")
+        for version, why in r.kept.items():
+            click.echo(f"  kept v{version}: {'; '.join(why)}")
+        if r.log_retention_days:
+            click.echo(f"  raised delta.logRetentionDuration to {r.log_retention_days} days to keep v{min(r.kept)}")

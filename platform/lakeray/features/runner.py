@@ -14,6 +14,7 @@ import importlib.util
 import inspect
 import json
 import sys
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -47,7 +48,15 @@ class FeatureRunResult:
     partition_range: tuple[str, str] | None = None
 
 
+_LOADING = threading.Lock()  # two threads discovering at once must not see a half-executed module
+
+
 def _load_module(path: Path):
+    with _LOADING:
+        return _load_module_locked(path)
+
+
+def _load_module_locked(path: Path):
     digest = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:8]
     name = f"lakeray_jobs_{path.stem}_{digest}"
     if name in sys.modules:

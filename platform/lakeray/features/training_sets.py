@@ -103,6 +103,24 @@ def _resolved(spark: SparkSession, settings: Settings, spec: TrainingSetSpec) ->
                                    "features": refs})
 
 
+ROWS_PER_PARTITION = 2_000_000
+
+
+def _join_partitions(spark: SparkSession, settings: Settings, pinned: TrainingSetSpec) -> int:
+    """Enough partitions that each as-of join partition holds ~2M rows (one Python worker's memory)."""
+    from lakeray.lakehouse.delta import table_rows
+
+    floor = int(spark.conf.get("spark.sql.shuffle.partitions"))
+    pins = [(pinned.labels, pinned.labels_version), *[(r.table, r.version) for r in pinned.features]]
+    try:
+        counts = [table_rows(settings.table_path(t), v) for t, v in pins]
+    except Exception:  # stats unreadable (e.g. an object store without credentials for delta-rs)
+        return floor
+    if any(c is None for c in counts):
+        return floor
+    return max(floor, -(-sum(counts) // ROWS_PER_PARTITION))
+
+
 def build_training_set(spark: SparkSession, settings: Settings, spec: TrainingSetSpec) -> TrainingSetResult:
     """Pin, join, write one commit, write the manifest. Bad specs fail before anything is written."""
     from pyspark import StorageLevel
@@ -116,7 +134,8 @@ def build_training_set(spark: SparkSession, settings: Settings, spec: TrainingSe
     sources = [FeatureSource(ref.table, read_table(spark, settings.table_path(ref.table), ref.version),
                              tuple(ref.entity_keys), ref.event_time, tuple(ref.columns), ref.max_age_s)
                for ref in pinned.features]
-    joined = point_in_time_join(labels, pinned.entity_keys, pinned.event_time, sources)
+    joined = point_in_time_join(labels, pinned.entity_keys, pinned.event_time, sources,
+                                partitions=_join_partitions(spark, settings, pinned))
     joined = joined.persist(StorageLevel.MEMORY_AND_DISK)
     try:
         digest = content_hash(joined)

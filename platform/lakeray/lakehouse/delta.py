@@ -11,7 +11,8 @@ if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
 
 __all__ = ["write_table", "merge_table", "table_version", "table_exists", "table_history", "read_table", "read_arrow",
-           "table_files", "version_at"]
+           "table_files", "version_at", "vacuum_table", "commit_timestamps",
+           "table_rows"]
 
 
 def write_table(
@@ -29,6 +30,13 @@ def write_table(
     so a re-run leaves the same rows and a killed run leaves the previous version readable. With
     ``replace_where`` only the rows matching that predicate are replaced (incremental partitions).
     ``user_metadata`` lands in the commit's history (lakeray stores the run's lineage there).
+
+    The returned version is this write's own commit even when other writers commit to the same table
+    at the same time (e.g. two ``partitions`` runs over disjoint ranges: Delta's conflict check lets
+    both commit). ``save`` does not return the version, and the table's latest version may already be
+    the other writer's, so the commit is found in the recent history by its ``user_metadata`` (unique
+    per lakeray run). Without ``user_metadata`` the latest version is returned, which is exact only
+    when nothing else writes the table concurrently.
     """
     writer = df.write.format("delta").mode(mode)
     if replace_where is not None:
@@ -44,7 +52,23 @@ def write_table(
     if partition_by:
         writer = writer.partitionBy(*partition_by)
     writer.save(path)
-    return table_version(df.sparkSession, path)
+    return _own_version(df.sparkSession, path, user_metadata)
+
+
+def _own_version(spark: SparkSession, path: str, user_metadata: str | None) -> int:
+    """The version of the commit that carried ``user_metadata`` (unique per lakeray run), not just the
+    latest: a concurrent writer may already have committed on top of it. Without metadata: the latest."""
+    if user_metadata is None:
+        return table_version(spark, path)
+    from delta.tables import DeltaTable
+
+    table = DeltaTable.forPath(spark, path)
+    for history in (table.history(16), table.history()):  # recent commits first; all of them if needed
+        mine = [int(r["version"]) for r in history.select("version", "userMetadata").collect()
+                if r["userMetadata"] == user_metadata]
+        if mine:
+            return max(mine)
+    return table_version(spark, path)  # the commit is always in the history; kept as a fallback
 
 
 def merge_table(df: DataFrame, path: str, keys: list[str], user_metadata: str | None = None) -> int:
@@ -66,7 +90,7 @@ def merge_table(df: DataFrame, path: str, keys: list[str], user_metadata: str | 
             spark.conf.unset("spark.databricks.delta.commitInfo.userMetadata")
         else:
             spark.conf.set("spark.databricks.delta.commitInfo.userMetadata", previous)
-    return table_version(spark, path)
+    return _own_version(spark, path, user_metadata)
 
 
 def table_exists(spark: SparkSession, path: str) -> bool:
@@ -140,6 +164,17 @@ def _open(path: str, version: int | None):
     return table
 
 
+def table_rows(path: str, version: int | None = None) -> int | None:
+    """Row count of a version from the log's file statistics (no data read); None when stats are missing."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    records = pa.table(_open(path, version).get_add_actions(flatten=True)).column("num_records")
+    if records.null_count:
+        return None
+    return int(pc.sum(records).as_py() or 0)
+
+
 def table_files(path: str, version: int | None = None) -> list[str]:
     """URIs of the data files that make up ``version``, without a JVM (delta-rs)."""
     return list(_open(path, version).file_uris())
@@ -185,3 +220,39 @@ def version_at(path: str, timestamp: str) -> int:
                                  "pick a later timestamp or a version from `lakeray features history`")
     return max(eligible)
 
+
+def commit_timestamps(spark: SparkSession, path: str) -> dict[int, float]:
+    """Commit time (epoch seconds) of every version still in the log."""
+    from delta.tables import DeltaTable
+
+    rows = DeltaTable.forPath(spark, path).history().select("version", "timestamp").collect()
+    return {int(r["version"]): r["timestamp"].timestamp() for r in rows}
+
+
+def vacuum_table(spark: SparkSession, path: str, retain_hours: float, dry_run: bool = False) -> list[str]:
+    """Delete data files no version newer than ``retain_hours`` ago needs; returns the files (to be) deleted.
+
+    Delta's own guard refuses retention under 7 days (readers of old snapshots); lakeray's caller has
+    already widened the window to cover every version still referenced, so it lifts the guard for
+    this one call when asked for less.
+    """
+    import math
+
+    from delta.tables import DeltaTable
+
+    if not DeltaTable.isDeltaTable(spark, path):
+        raise TableNotFoundError(f"no Delta table at {path}", "check the table name")
+    guard = "spark.databricks.delta.retentionDurationCheck.enabled"
+    previous = spark.conf.get(guard, "true")
+    spark.conf.set(guard, "false")
+    try:
+        # Whole hours, rounded up: Delta's SQL parser drops the fraction of `RETAIN 0.5 HOURS` (it
+        # vacuumed files a referenced version needed when given 0.03 h). Rounding up only keeps more.
+        hours = math.ceil(retain_hours)
+        dry = spark.sql(f"VACUUM delta.`{path}` RETAIN {hours} HOURS DRY RUN").collect()
+        files = [str(r[0]).removeprefix("file://").removeprefix("file:") for r in dry]
+        if files and not dry_run:
+            DeltaTable.forPath(spark, path).vacuum(float(hours))
+    finally:
+        spark.conf.set(guard, previous)
+    return files

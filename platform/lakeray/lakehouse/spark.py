@@ -109,6 +109,15 @@ def create_spark_session(settings: Settings) -> SparkSession:
         .config("spark.sql.warehouse.dir", f"{settings.storage_root}/spark-warehouse")
         .config("spark.driver.extraJavaOptions", f"-Dderby.system.home={settings.storage_root}/derby")
     )
+    if cfg.master.startswith("local"):
+        # Python workers (the point-in-time join runs in them) must be this interpreter: the default
+        # `python3` on PATH is not the venv and cannot import lakeray. PySpark reads only the
+        # environment variable for this (not spark.pyspark.python). On a cluster, workers need lakeray
+        # installed, like any library a PySpark UDF uses.
+        import os
+        import sys
+
+        os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     for key, value in cfg.conf.items():
         builder = builder.config(key, value)
     spark = builder.getOrCreate()

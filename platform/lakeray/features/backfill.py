@@ -1,0 +1,107 @@
+"""Backfill a ``partitions`` feature job over a date range, one chunk (default: one day) per commit.
+
+Each chunk is one :func:`~lakeray.features.runner.run_feature_job` run, i.e. one atomic Delta commit
+carrying its range and code version in the commit metadata. Before running, the table's history is
+read once: a chunk whose newest commit touching it covered the whole chunk *and* ran the same code
+version is skipped (unless ``force``). So a backfill killed half way is resumed by running it again:
+committed chunks are skipped, the interrupted chunk never committed and is run again. Chunks run in
+date order; the first failing chunk stops the backfill (later chunks are not attempted), and what was
+committed before it stays committed.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from lakeray.errors import ConfigError
+
+if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
+
+    from lakeray.config import Settings
+
+__all__ = ["ChunkResult", "plan_chunks", "backfill"]
+
+
+@dataclass(frozen=True)
+class ChunkResult:
+    start: str
+    end: str
+    status: str  # "committed" | "skipped"
+    version: int | None = None
+    rows: int | None = None
+    seconds: float = 0.0
+    reason: str = ""
+
+
+def _date(value: str, what: str) -> dt.date:
+    try:
+        return dt.date.fromisoformat(value)
+    except ValueError:
+        raise ConfigError(f"{what} {value!r} is not an ISO date", "use e.g. 2026-01-31") from None
+
+
+def plan_chunks(start: str, end: str, step_days: int = 1) -> list[tuple[str, str]]:
+    """[start, end) cut into ``step_days`` chunks (the last one may be shorter), as ISO dates."""
+    first, stop = _date(start, "--start"), _date(end, "--end")
+    if stop <= first:
+        raise ConfigError(f"empty range: --end {end} is not after --start {start}", "the end date is exclusive")
+    if step_days < 1:
+        raise ConfigError(f"--step-days must be ≥ 1, got {step_days}", "pass a positive number of days")
+    chunks, day = [], first
+    while day < stop:
+        nxt = min(day + dt.timedelta(days=step_days), stop)
+        chunks.append((day.isoformat(), nxt.isoformat()))
+        day = nxt
+    return chunks
+
+
+def _covering_commit(history: list[dict[str, Any]], start: str, end: str) -> dict[str, Any] | None:
+    """The newest commit that wrote any row of [start, end), or None. History is newest first."""
+    for commit in history:
+        if commit["operation"] not in {"WRITE", "CREATE TABLE AS SELECT", "REPLACE TABLE AS SELECT", "MERGE",
+                                       "DELETE", "UPDATE", "CREATE OR REPLACE TABLE AS SELECT"}:
+            continue  # OPTIMIZE, VACUUM, property changes: the rows' content is unchanged
+        rng = commit["run"].get("range")
+        if not rng:  # a full refresh, or a write lakeray did not make: it touched everything
+            return commit
+        if rng[0] < end and start < rng[1]:
+            return commit
+    return None
+
+
+def backfill(spark: SparkSession, settings: Settings, name: str, start: str, end: str, step_days: int = 1,
+             force: bool = False, on_chunk: Callable[[ChunkResult], None] | None = None) -> list[ChunkResult]:
+    """Run job ``name`` chunk by chunk over [start, end); returns one result per chunk, in order."""
+    from lakeray.features.runner import discover_jobs, run_feature_job
+    from lakeray.lakehouse.delta import table_exists, table_history
+
+    jobs = discover_jobs(settings)
+    job = jobs.get(name)
+    if job is None:
+        raise ConfigError(f"no feature job named {name!r} (known: {', '.join(sorted(jobs)) or 'none'})",
+                          "check the name, or add the job under feature_paths")
+    if job.write_mode != "partitions":
+        raise ConfigError(f"{name}: backfill needs write_mode 'partitions' (it is {job.write_mode!r})",
+                          "declare write_mode='partitions' and partition_by=[<date column>], or use `features run`")
+    chunks = plan_chunks(start, end, step_days)
+    path = settings.table_path(name)
+    history = table_history(spark, path) if table_exists(spark, path) else []
+    code = job.code_version
+    results = []
+    for lo, hi in chunks:
+        previous = None if force else _covering_commit(history, lo, hi)
+        rng = (previous or {}).get("run", {}).get("range")
+        if previous is not None and rng and rng[0] <= lo and hi <= rng[1] and previous["run"].get("code_version") == code:
+            result = ChunkResult(lo, hi, "skipped", previous["version"], reason=f"committed at version "
+                                 f"{previous['version']} by the same code version {code}")
+        else:
+            run = run_feature_job(spark, settings, name, start=lo, end=hi)
+            result = ChunkResult(lo, hi, "committed", run.version, run.rows, run.seconds)
+        results.append(result)
+        if on_chunk is not None:
+            on_chunk(result)
+    return results
