@@ -120,11 +120,14 @@ def main() -> int:
         spec = TrainingSetSpec.parse({
             "name": "pit_bench", "labels": "labels", "entity_keys": ["entity_id"], "event_time": "event_time",
             "features": [{"table": f"feat{i}", "columns": [f"f{i}"]} for i in range(3)]})
-        # Warm-up on a small copy: the JVM's first Delta commit and the first Python workers cost ~20 s
-        # once per process, which the pandas side (an imported, warm interpreter) does not pay.
-        (root / "warm" / "lake").mkdir(parents=True)
-        generate(root / "warm", 20_000, args.seed + 1)
-        build_training_set(spark, settings_for(root / "warm" / "lake"), spec)
+        # Built twice in one Spark session: the first (cold) build pays the JVM's one-off costs (JIT
+        # compilation of the Delta/Arrow/shuffle code paths, ~10-20 s of CPU on 2 cores, first Python
+        # workers), which the pandas side does not; the second is the steady state of a long-lived
+        # session (a notebook, a scheduled job's cluster) and is the one the ratio uses. Both are reported.
+        started = time.perf_counter()
+        build_training_set(spark, settings, spec)
+        cold_s = time.perf_counter() - started
+        print(f"lakeray training set, cold (first build in the process): {cold_s:.2f} s", flush=True)
         started = time.perf_counter()
         result = build_training_set(spark, settings, spec)
         cand_s = time.perf_counter() - started
@@ -143,6 +146,8 @@ def main() -> int:
         "ratio": round(ratio, 3) if ratio else None,
         "target": TARGET,
         "candidate_s": round(cand_s, 2),
+        "candidate_cold_s": round(cold_s, 2),
+        "cold_ratio": round(cold_s / baseline["seconds"], 3) if baseline else None,
         "baseline_s": round(baseline["seconds"], 2) if baseline else None,
         "candidate_peak_mib": round(cand_peak),
         "baseline_peak_mib": round(baseline["peak_mib"]) if baseline else None,
@@ -150,7 +155,7 @@ def main() -> int:
         "results_agree": agree,
         "params": {"label_rows": args.scale, "feature_tables": 3, "rows_per_feature_table": args.scale,
                    "entities": ENTITIES, "spark_master": "local[*]", "candidate_includes": "Delta reads, join, "
-                   "Delta commit, content hash, manifest (after a 20k-row warm-up build)"},
+                   "Delta commit, content hash, manifest; second build in the session (the first is candidate_cold_s)"},
         "machine": {"cores": os.cpu_count(), "memory_gib": round(os.sysconf("SC_PAGE_SIZE") *
                                                                  os.sysconf("SC_PHYS_PAGES") / 2**30, 1)},
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -126,3 +126,38 @@ def test_feature_ref_validation_names_the_field():
         TrainingSetSpec.parse({"name": "x", "labels": "l", "entity_keys": ["k"], "event_time": "t",
                                "features": [{"table": "f", "columns": []}]})
     assert FeatureRef(table="f", columns=["c"]).max_age_s is None
+
+
+def test_composite_keys_match_on_every_key_and_ties_resolve_the_same_on_any_partitioning(spark, settings):
+    labels = spark.createDataFrame(
+        [("eu", 1, ts(10), 1), ("us", 1, ts(10), 0), ("eu", 2, ts(10), 1), (None, 1, ts(10), 0)],
+        "region string, user_id long, event_time timestamp, label int")
+    # Two rows of (eu, 1) at the same time t5: the tie is broken by a hash of the row, not by arrival.
+    feats = spark.createDataFrame(
+        [("eu", 1, ts(5), 1.0), ("eu", 1, ts(5), 2.0), ("us", 1, ts(3), 3.0), ("eu", 2, ts(11), 4.0),
+         (None, 1, ts(1), 5.0)],
+        "region string, user_id long, event_time timestamp, score double")
+    write_table(labels, settings.table_path("pit_ck_labels"))
+    write_table(feats, settings.table_path("pit_ck_feats"))
+    ck = {"labels": "pit_ck_labels", "entity_keys": ["region", "user_id"], "event_time": "event_time",
+          "features": [{"table": "pit_ck_feats", "columns": ["score"]}]}
+    previous = spark.conf.get("spark.sql.shuffle.partitions")
+    hashes, tables = [], []
+    try:
+        for partitions, descending in [("1", False), ("7", True)]:
+            spark.conf.set("spark.sql.shuffle.partitions", partitions)
+            # Rewrite the feature rows in another order each time: arrival order must not matter.
+            write_table(read_table(spark, settings.table_path("pit_ck_feats")).orderBy("score", ascending=not descending).coalesce(1),
+                        settings.table_path("pit_ck_feats"))
+            name = f"pit_ck_{partitions}"
+            hashes.append(build_training_set(spark, settings, TrainingSetSpec.parse({"name": name, **ck})).content_hash)
+            tables.append(sorted((r.region or "-", r.user_id, r.score) for r in
+                                 read_table(spark, settings.table_path(name)).collect()))
+    finally:
+        spark.conf.set("spark.sql.shuffle.partitions", previous)
+    assert hashes[0] == hashes[1] and tables[0] == tables[1]
+    by_key = {(region, user): score for region, user, score in tables[0]}
+    assert by_key[("eu", 1)] in (1.0, 2.0)   # one of the tied rows, the same one on every build
+    assert by_key[("us", 1)] == 3.0          # both keys must match: (eu, 1)'s rows never leak to (us, 1)
+    assert by_key[("eu", 2)] is None         # its only row is from the future
+    assert by_key[("-", 1)] is None          # a null key matches nothing, not even a null-keyed row

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -123,10 +124,8 @@ def _join_partitions(spark: SparkSession, settings: Settings, pinned: TrainingSe
 
 def build_training_set(spark: SparkSession, settings: Settings, spec: TrainingSetSpec) -> TrainingSetResult:
     """Pin, join, write one commit, write the manifest. Bad specs fail before anything is written."""
-    from pyspark import StorageLevel
-
-    from lakeray.lakehouse.delta import read_table, write_table
-    from lakeray.lakehouse.pit import FeatureSource, content_hash, point_in_time_join
+    from lakeray.lakehouse.delta import read_table, table_rows, write_table
+    from lakeray.lakehouse.pit import FeatureSource, content_hash, observed_content_hash, point_in_time_join
 
     started = time.perf_counter()
     pinned = _resolved(spark, settings, spec)
@@ -136,15 +135,18 @@ def build_training_set(spark: SparkSession, settings: Settings, spec: TrainingSe
                for ref in pinned.features]
     joined = point_in_time_join(labels, pinned.entity_keys, pinned.event_time, sources,
                                 partitions=_join_partitions(spark, settings, pinned))
-    joined = joined.persist(StorageLevel.MEMORY_AND_DISK)
-    try:
-        digest = content_hash(joined)
-        rows = int(digest.split("-", 1)[0])
-        inputs = {pinned.labels: pinned.labels_version, **{r.table: r.version for r in pinned.features}}
-        meta = {"training_set": pinned.name, "inputs": inputs, "content_hash": digest}
-        version = write_table(joined, settings.table_path(pinned.name), user_metadata=json.dumps(meta))
-    finally:
-        joined.unpersist()
+    # The content hash is aggregated during the write itself (one pass over the join, no cache).
+    observed, observed_digest = observed_content_hash(joined)
+    inputs = {pinned.labels: pinned.labels_version, **{r.table: r.version for r in pinned.features}}
+    meta = {"training_set": pinned.name, "inputs": inputs, "build_id": uuid.uuid4().hex}
+    path = settings.table_path(pinned.name)
+    version = write_table(observed, path, user_metadata=json.dumps(meta))
+    digest = observed_digest()
+    committed = table_rows(path, version)
+    if digest is None or (committed is not None and int(digest.split("-", 1)[0]) != committed):
+        # A retried task can add its rows to the observed sums twice: hash what was committed instead.
+        digest = content_hash(read_table(spark, path, version))
+    rows = int(digest.split("-", 1)[0])
     manifest = {
         "training_set": pinned.name,
         "version": version,
@@ -156,11 +158,11 @@ def build_training_set(spark: SparkSession, settings: Settings, spec: TrainingSe
     }
     folder = manifest_dir(settings, pinned.name)
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"v{version}.json"
-    tmp = path.with_suffix(".json.tmp")
+    target = folder / f"v{version}.json"
+    tmp = target.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, path)  # a reader never sees half a manifest
-    return TrainingSetResult(pinned.name, version, rows, digest, inputs, str(path), time.perf_counter() - started)
+    os.replace(tmp, target)  # a reader never sees half a manifest
+    return TrainingSetResult(pinned.name, version, rows, digest, inputs, str(target), time.perf_counter() - started)
 
 
 def load_manifest(settings: Settings, name: str, version: int | None = None) -> dict[str, Any]:

@@ -20,9 +20,11 @@ from typing import TYPE_CHECKING
 from lakeray.errors import DataQualityError
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from pyspark.sql import DataFrame
 
-__all__ = ["FeatureSource", "point_in_time_join", "content_hash"]
+__all__ = ["FeatureSource", "content_hash", "observed_content_hash", "point_in_time_join"]
 
 @dataclass(frozen=True)
 class FeatureSource:
@@ -55,7 +57,7 @@ def point_in_time_join(labels: DataFrame, label_keys: list[str], label_time: str
 
     _check("labels", labels, [*label_keys, label_time], "the labels/events table")
     taken = set(labels.columns)
-    clash = sorted(taken & {"__kind", "__ts", "__tie"} | {c for c in taken if c.startswith("__k")})
+    clash = sorted(taken & {"__kind", "__ts", "__tie"} | {c for c in taken if c.startswith(("__k", "__v"))})
     if clash:
         raise DataQualityError(f"the labels/events table has reserved column name(s) {clash}",
                                "rename them (names starting with __ are lakeray's); nothing was written")
@@ -75,24 +77,43 @@ def point_in_time_join(labels: DataFrame, label_keys: list[str], label_time: str
             fields.append(StructField(name, src.df.schema[col].dataType, True))
         out_fields.append(fields)
 
-    keys = [f"__k{i}" for i in range(len(label_keys))]
     # One narrow union of label rows (__kind -1) and every table's feature rows (__kind i), each tagged
-    # with the shared key columns, the event time in microseconds and, for features, a row hash that
-    # breaks ties between feature rows of the same key and time so rebuilds are deterministic.
-    parts = [labels.select(*[F.col(k).alias(a) for k, a in zip(label_keys, keys, strict=True)],
-                           F.unix_micros(F.col(label_time).cast("timestamp")).alias("__ts"),
-                           F.lit(-1).alias("__kind"), F.lit(0).cast("long").alias("__tie"), *labels.columns)]
+    # with the shared key and time columns and, for features, a row hash that breaks ties between
+    # feature rows of the same key and time so rebuilds are deterministic. Every column costs in the
+    # shuffle and both Arrow conversions (most of the join's time), so the union is kept narrow: the
+    # label's own key and time columns are the shared ones when the types allow, and feature values of
+    # the same type share one slot column (a row is from one table only).
+    from pyspark.sql.types import TimestampType
+
+    label_types = [labels.schema[k].dataType for k in label_keys]
+    same_keys = all([src.df.schema[k].dataType for k in src.entity_keys] == label_types for src in sources)
+    keys = list(label_keys) if same_keys else [f"__k{i}" for i in range(len(label_keys))]
+    time_col = label_time if isinstance(labels.schema[label_time].dataType, TimestampType) else "__ts"
+    label_extra = [] if same_keys else [F.col(k).alias(a) for k, a in zip(label_keys, keys, strict=True)]
+    if time_col == "__ts":
+        label_extra.append(F.col(label_time).cast("timestamp").alias("__ts"))
+    parts = [labels.select(*labels.columns, *label_extra, F.lit(-1).alias("__kind"),
+                           F.lit(0).cast("long").alias("__tie"))]
+    slots_of: list[tuple[tuple[str, str], ...]] = []  # per table: (output column, slot column)
+    type_ids: dict[str, int] = {}  # a slot column holds one Spark type: __v<type id>_<n-th of that type>
     for i, (src, fields) in enumerate(zip(sources, out_fields, strict=True)):
+        used: dict[str, int] = {}
+        slots = []
+        for field in fields:
+            kind = field.dataType.simpleString()
+            slots.append((field.name, f"__v{type_ids.setdefault(kind, len(type_ids))}_{used.get(kind, 0)}"))
+            used[kind] = used.get(kind, 0) + 1
+        slots_of.append(tuple(slots))
         parts.append(src.df.select(*[F.col(k).alias(a) for k, a in zip(src.entity_keys, keys, strict=True)],
-                                   F.unix_micros(F.col(src.event_time).cast("timestamp")).alias("__ts"),
+                                   F.col(src.event_time).cast("timestamp").alias(time_col),
                                    F.lit(i).alias("__kind"), F.xxhash64(*[F.col(c) for c in src.columns]).alias("__tie"),
-                                   *[F.col(c).alias(f.name) for c, f in zip(src.columns, fields, strict=True)]))
+                                   *[F.col(c).alias(slot) for c, (_, slot) in zip(src.columns, slots, strict=True)]))
     unioned = parts[0]
     for part in parts[1:]:
         unioned = unioned.unionByName(part, allowMissingColumns=True)
     schema = StructType([*labels.schema.fields, *[f for fields in out_fields for f in fields]])
-    plan = _AsOfPlan(tuple(keys), tuple(labels.columns),
-                     tuple((tuple(f.name for f in fields), src.max_age_s) for src, fields in zip(sources, out_fields)))
+    plan = _AsOfPlan(tuple(keys), time_col, tuple(labels.columns),
+                     tuple((slots, src.max_age_s) for src, slots in zip(sources, slots_of, strict=True)))
     count = partitions or int(labels.sparkSession.conf.get("spark.sql.shuffle.partitions"))
     return unioned.repartition(count, *keys).mapInArrow(plan, schema)
 
@@ -101,69 +122,130 @@ def point_in_time_join(labels: DataFrame, label_keys: list[str], label_time: str
 class _AsOfPlan:
     """The per-partition as-of join, run in Spark's Python workers on Arrow batches.
 
-    Every row of a key lands in the same partition, so each partition is joined on its own: pandas'
-    ``merge_asof`` (sorted, vectorised) finds, per label row and feature table, the index of the last
-    feature row with the same key and time ≤ the label's; values are then taken from the Arrow columns
-    by that index, so they pass through untouched (no float round trip, NaN stays NaN, null stays null).
+    Every row of a key lands in the same partition, so each partition is joined on its own, in numpy:
+    per feature table, the table's rows and the label rows are stably sorted together by (key, time)
+    with the feature rows first in the input (themselves ordered by the tie hash), so at equal key and
+    time the features precede the label and the largest tie hash is the last of them. A running
+    maximum of "position of the latest feature row" then gives every label its match in one pass, kept
+    only when that row has the label's key (and is within the max age). Values are taken from the
+    Arrow columns by index, so they pass through untouched (NaN stays NaN, null stays null). About 3x
+    less CPU than pandas ``merge_asof`` (which factorizes and sorts each side separately).
     """
 
     keys: tuple[str, ...]
+    time_col: str  # a timestamp column (microseconds)
     label_cols: tuple[str, ...]
-    tables: tuple[tuple[tuple[str, ...], float | None], ...]  # (output columns, max age s) per table
+    tables: tuple[tuple[tuple[tuple[str, str], ...], float | None], ...]  # ((output, slot) columns, max age s)
+
+    def _key_codes(self, data):
+        """One dense int64 code per row for the (possibly composite) key; any value for null keys."""
+        import numpy as np
+        import pandas as pd
+        import pyarrow.compute as pc
+
+        codes = None
+        for name in self.keys:
+            encoded = pc.dictionary_encode(data.column(name)).combine_chunks()
+            col = pc.fill_null(encoded.indices, -1).to_numpy().astype("int64")
+            # Re-densify after each column so the packed code stays far below 2^63.
+            codes = col if codes is None else pd.factorize(codes * (len(encoded.dictionary) + 1) + col + 1)[0]
+        return codes
 
     def __call__(self, batches):
         import numpy as np
-        import pandas as pd
         import pyarrow as pa
         import pyarrow.compute as pc
 
         received = list(batches)
         if not received:
             return
-        data = pa.Table.from_batches(received)
-        kind = data.column("__kind")
-        join_cols = [*self.keys, "__ts"]
+        data = pa.Table.from_batches(received).combine_chunks()
+        kind = data.column("__kind").to_numpy()
+        valid = np.ones(data.num_rows, bool)  # null keys or times never match anything
+        for name in [*self.keys, self.time_col]:
+            valid &= pc.is_valid(data.column(name)).to_numpy(zero_copy_only=False)
+        ts = pc.fill_null(pc.cast(data.column(self.time_col), pa.int64()), 0).to_numpy()
+        tie = pc.fill_null(data.column("__tie"), 0).to_numpy()
+        codes = self._key_codes(data)
 
-        def valid(table: pa.Table) -> pa.Table:  # null keys or times never match anything
-            mask = pc.and_(*[pc.is_valid(table.column(c)) for c in join_cols]) if len(join_cols) > 1 \
-                else pc.is_valid(table.column(join_cols[0]))
-            return table.filter(mask)
-
-        labels = data.filter(pc.equal(kind, -1))
-        left = labels.select(join_cols).append_column("__row", pa.array(np.arange(labels.num_rows)))
-        left = valid(left).to_pandas().sort_values("__ts", kind="stable")
-        columns = {c: labels.column(c) for c in self.label_cols}
-        order = left["__row"].to_numpy()
-        missing = np.setdiff1d(np.arange(labels.num_rows), order, assume_unique=True)
-        order_all = np.concatenate([order, missing])  # rows that cannot match come last, features null
-        out = {c: col.take(order_all) for c, col in columns.items()}
+        labels = np.flatnonzero(kind == -1)  # output rows, in arrival order
+        matchable = np.flatnonzero(valid[labels])  # indexes into `labels`
+        lab_rows = labels[matchable]
+        out = {c: data.column(c).take(labels) for c in self.label_cols}
         for i, (names, max_age_s) in enumerate(self.tables):
-            feats = data.filter(pc.equal(kind, i))
-            right = valid(feats.select([*join_cols, "__tie"]).append_column(
-                "__fidx", pa.array(np.arange(feats.num_rows)))).to_pandas()
-            right = right.sort_values(["__ts", "__tie"], kind="stable").rename(columns={"__ts": "__fts"})
-            merged = pd.merge_asof(left, right, left_on="__ts", right_on="__fts", by=list(self.keys),
-                                   direction="backward", allow_exact_matches=True)
-            idx = merged["__fidx"].to_numpy(dtype="float64", na_value=np.nan)
-            hit = ~np.isnan(idx)
+            feats = np.flatnonzero((kind == i) & valid)
+            feats = feats[np.argsort(tie[feats], kind="stable")]
+            rows = np.concatenate([feats, lab_rows])
+            key, when = codes[rows], ts[rows]
+            order = _stable_order(key, when)  # at equal (key, time) the feature rows stay first
+            is_feat = order < len(feats)
+            last = np.maximum.accumulate(np.where(is_feat, np.arange(len(order)), -1)) if len(order) else order
+            at = np.flatnonzero(~is_feat)  # sorted positions of the label rows
+            hit_at = last[at]
+            found = hit_at >= 0
+            hit_at = np.where(found, hit_at, 0)
+            lab_i, feat_i = order[at], order[hit_at]
+            found &= key[feat_i] == key[lab_i]
             if max_age_s is not None:
-                age = merged["__ts"].to_numpy(dtype="float64") - merged["__fts"].to_numpy(dtype="float64", na_value=np.nan)
-                hit &= age <= max_age_s * 1e6
-            take = pa.array(np.concatenate([np.where(hit, idx, 0).astype("int64"),
-                                            np.zeros(len(missing), "int64")]),
-                            mask=np.concatenate([~hit, np.ones(len(missing), bool)]))
-            for name in names:
-                out[name] = feats.column(name).take(take)
+                found &= (when[lab_i] - when[feat_i]) <= max_age_s * 1e6
+            match = np.full(len(labels), -1, "int64")
+            match[matchable[lab_i[found] - len(feats)]] = rows[feat_i[found]]
+            take = pa.array(np.where(match >= 0, match, 0), mask=match < 0)
+            for name, slot in names:
+                out[name] = data.column(slot).take(take)
         yield from pa.table(out).to_batches(max_chunksize=65_536)
 
 
-def content_hash(df: DataFrame) -> str:
-    """Order-independent hash of every row and column, with the row count in front."""
+def _stable_order(key, when):
+    """Stable argsort by (key, time): one int64 argsort of a packed key where the ranges allow (about
+    twice as fast as ``np.lexsort`` over two columns), else the lexsort."""
+    import numpy as np
+
+    if len(key) == 0:
+        return np.empty(0, "int64")
+    low = int(when.min())
+    span = int(when.max()) - low + 1
+    if (int(key.max()) + 1) * span < 2**62:
+        return np.argsort(key * span + (when - low), kind="stable")
+    return np.lexsort((when, key))
+
+
+def _hash_aggregates(df: DataFrame) -> list:
     from pyspark.sql import functions as F
 
     cols = [F.col(c) for c in sorted(df.columns)]
-    # Two independent 64-bit row hashes, summed as exact decimals: order-independent, no overflow.
-    first = F.xxhash64(*cols).cast("decimal(38,0)")
-    second = F.xxhash64(F.lit("lakeray"), *cols).cast("decimal(38,0)")
-    stats = df.agg(F.count(F.lit(1)).alias("n"), F.sum(first).alias("a"), F.sum(second).alias("b")).first()
-    return f"{stats['n']}-{stats['a'] or 0}-{stats['b'] or 0}"
+    # Two independent 64-bit row hashes, each summed as its two 32-bit halves in plain longs: order
+    # independent, exact (no overflow below 2^31 rows), and ~4x cheaper than summing decimal(38,0)s.
+    aggs = [F.count(F.lit(1)).alias("n")]
+    for i, h in enumerate([F.xxhash64(*cols), F.xxhash64(F.lit("lakeray"), *cols)]):
+        aggs.append(F.sum(h.bitwiseAND(F.lit(0xFFFFFFFF))).alias(f"lo{i}"))
+        aggs.append(F.sum(F.shiftrightunsigned(h, 32)).alias(f"hi{i}"))
+    return aggs
+
+
+def _digest(stats: dict) -> str:
+    parts = [int(stats[k] or 0) for k in ("lo0", "hi0", "lo1", "hi1")]
+    return f"{int(stats['n'])}-" + "".join(f"{p:016x}" for p in parts)
+
+
+def content_hash(df: DataFrame) -> str:
+    """Order-independent hash of every row and column, with the row count in front: ``<rows>-<hex>``."""
+    return _digest(df.agg(*_hash_aggregates(df)).first().asDict())
+
+
+def observed_content_hash(df: DataFrame) -> tuple[DataFrame, Callable[[], str | None]]:
+    """``df`` with its content hash computed during the next action on it (e.g. the Delta write), so
+    the data is not computed twice; the callable returns the hash after that action, or None if the
+    action did not run it to completion (then hash the written table instead)."""
+    from pyspark.sql import Observation
+
+    observation = Observation("lakeray_content_hash")
+    observed = df.observe(observation, *_hash_aggregates(df))
+
+    def digest() -> str | None:
+        # Observation.get blocks until the metrics arrive: never block on an action that did not run.
+        if observation._jo is None or not observation._jo.future().isCompleted():
+            return None
+        return _digest(observation.get)
+
+    return observed, digest
