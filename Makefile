@@ -39,9 +39,13 @@ test: setup
 test-quick: setup
 	$(PY) -m pytest -m "not slow"
 
+# One at a time: each needs the whole (2-core) machine. The opt-in large point-in-time case is
+# `$(PY) bench/pit_join.py --scale 50000000 --skip-pandas` (about 10 minutes here).
 bench: setup
 	$(PY) bench/train_xgboost.py
 	$(PY) bench/pit_join.py
+	$(PY) bench/features_write.py
+	$(PY) bench/features_scaling.py
 
 lint: setup
 	$(VENV)/bin/lint-imports

@@ -232,13 +232,10 @@ def _committed_rows(spark: SparkSession, path: str, version: int) -> int:
     """Rows written by the commit, from the Delta log's operation metrics (no table scan)."""
     from delta.tables import DeltaTable
 
-    history = DeltaTable.forPath(spark, path).history().where(f"version = {version}").first()
-    metrics = history["operationMetrics"] or {}
-    for key in ("numOutputRows", "numTargetRowsInserted"):
-        if key in metrics:
-            rows = int(metrics[key])
-            if key == "numTargetRowsInserted":
-                rows += int(metrics.get("numTargetRowsUpdated", 0))
-            return rows
-    return spark.read.format("delta").option("versionAsOf", version).load(path).count()
+    from lakeray.lakehouse.delta import rows_written
 
+    history = DeltaTable.forPath(spark, path).history().where(f"version = {version}").first()
+    rows = rows_written(history["operationMetrics"])
+    if rows is None:
+        return spark.read.format("delta").option("versionAsOf", version).load(path).count()
+    return rows

@@ -99,6 +99,17 @@ def table_exists(spark: SparkSession, path: str) -> bool:
     return bool(DeltaTable.isDeltaTable(spark, path))
 
 
+def rows_written(metrics: dict | None) -> int | None:
+    """Rows a commit wrote, from its operation metrics: output rows of a write, inserted + updated rows
+    of a MERGE; None when the operation reports neither (e.g. a property change)."""
+    metrics = metrics or {}
+    if "numOutputRows" in metrics:
+        return int(metrics["numOutputRows"])
+    if "numTargetRowsInserted" in metrics:
+        return int(metrics["numTargetRowsInserted"]) + int(metrics.get("numTargetRowsUpdated", 0))
+    return None
+
+
 def table_history(spark: SparkSession, path: str, limit: int | None = None) -> list[dict]:
     """Commits newest first: version, timestamp, operation, rows written, and lakeray's run metadata."""
     import json
@@ -112,13 +123,13 @@ def table_history(spark: SparkSession, path: str, limit: int | None = None) -> l
     out = []
     for row in history.select("version", "timestamp", "operation", "operationMetrics", "userMetadata").collect():
         metrics = row["operationMetrics"] or {}
-        rows = metrics.get("numOutputRows") or metrics.get("numTargetRowsInserted")
+        rows = rows_written(metrics)
         try:
             meta = json.loads(row["userMetadata"]) if row["userMetadata"] else {}
         except ValueError:
             meta = {"userMetadata": row["userMetadata"]}
         out.append({"version": int(row["version"]), "timestamp": row["timestamp"], "operation": row["operation"],
-                    "rows": int(rows) if rows is not None else None, "metrics": dict(metrics), "run": meta})
+                    "rows": rows, "metrics": dict(metrics), "run": meta})
     return out
 
 
