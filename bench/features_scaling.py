@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from features_write import (  # noqa: E402  (bench/ is not a package)
     REPO,
     bench_settings,
+    finish,
     instrument_runner,
     jvm_cpu_s,
     jvm_pid,
@@ -155,15 +156,7 @@ def main() -> int:
                                                        for rs in runs.values() for r in rs))
     if not checks_ok:
         failed.append("expectations FAILED: " + str([r["expectations"] for rs in runs.values() for r in rs]))
-    for line in failed:
-        print(line)
-    if busy:
-        print(f"WARNING: load average {load_start} at start, {load_end} at end on {os.cpu_count()} cores: "
-              "the machine was busy; re-run on an idle one before trusting the figures")
-    if ratio > TARGET:
-        print(f"MISSED: ratio {ratio:.2f} is above the target {TARGET}")
-    print(f"features_scaling: ratio {ratio:.2f} (target {TARGET})", flush=True)
-    return 1 if failed else 0
+    return finish("features_scaling", ratio, TARGET, failed, busy, load_start, load_end)
 
 
 if __name__ == "__main__":

@@ -415,14 +415,20 @@ def main() -> int:
         failed.append(f"checksum check FAILED: {sums}")
     if not all(best["candidate"]["expectations"].values()):
         failed.append(f"expectations FAILED: {best['candidate']['expectations']}")
+    return finish("features_write", ratio, TARGET, failed, busy, load_start, load_end)
+
+
+def finish(name: str, ratio: float, target: float, failed: list[str], busy: bool, load_start: float,
+           load_end: float) -> int:
+    """The closing lines every feature benchmark prints; its exit status (1 when a sanity check failed)."""
     for line in failed:
         print(line)
     if busy:
         print(f"WARNING: load average {load_start} at start, {load_end} at end on {os.cpu_count()} cores: "
               "the machine was busy; re-run on an idle one before trusting the figures")
-    if ratio > TARGET:
-        print(f"MISSED: ratio {ratio:.2f} is above the target {TARGET}")
-    print(f"features_write: ratio {ratio:.2f} (target {TARGET})", flush=True)
+    if ratio > target:
+        print(f"MISSED: ratio {ratio:.2f} is above the target {target}")
+    print(f"{name}: ratio {ratio:.2f} (target {target})", flush=True)
     return 1 if failed else 0
 
 
