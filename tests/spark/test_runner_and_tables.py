@@ -27,6 +27,17 @@ def test_run_commits_a_version_and_reruns_do_not_duplicate(spark, settings):
     assert read_arrow(first.path, second.version).num_rows == 3_000
     # Time travel: the first version is still readable as it was.
     assert read_table(spark, first.path, first.version).count() == 3_000
+    # File statistics only on the declared key and event time (cheaper writes), and they survive
+    # the overwrite of the second run; delta-rs reads them.
+    from deltalake import DeltaTable
+
+    table = DeltaTable(first.path)
+    assert table.metadata().configuration["delta.dataSkippingStatsColumns"] == "`customer_id`,`event_time`"
+    import pyarrow as pa
+
+    stats = pa.table(table.get_add_actions(flatten=True)).to_pydict()
+    assert sum(stats["num_records"]) == 3_000
+    assert {k for k in stats if k.startswith("min.")} == {"min.customer_id", "min.event_time"}
 
 
 def test_unknown_job_and_missing_input(spark, settings, tmp_path):

@@ -23,6 +23,7 @@ def write_table(
     replace_where: str | None = None,
     user_metadata: str | None = None,
     merge_schema: bool = False,
+    properties: dict[str, str] | None = None,
 ) -> int:
     """Write ``df`` to the Delta table at ``path`` in one commit; returns the committed version.
 
@@ -30,6 +31,7 @@ def write_table(
     so a re-run leaves the same rows and a killed run leaves the previous version readable. With
     ``replace_where`` only the rows matching that predicate are replaced (incremental partitions).
     ``user_metadata`` lands in the commit's history (lakeray stores the run's lineage there).
+    ``properties`` (``delta.*`` table properties) take effect when this write creates the table.
 
     The returned version is this write's own commit even when other writers commit to the same table
     at the same time (e.g. two ``partitions`` runs over disjoint ranges: Delta's conflict check lets
@@ -51,6 +53,8 @@ def write_table(
         writer = writer.option("userMetadata", user_metadata)
     if partition_by:
         writer = writer.partitionBy(*partition_by)
+    for key, value in (properties or {}).items():
+        writer = writer.option(key, value)
     writer.save(path)
     return _own_version(df.sparkSession, path, user_metadata)
 
@@ -71,13 +75,14 @@ def _own_version(spark: SparkSession, path: str, user_metadata: str | None) -> i
     return table_version(spark, path)  # the commit is always in the history; kept as a fallback
 
 
-def merge_table(df: DataFrame, path: str, keys: list[str], user_metadata: str | None = None) -> int:
+def merge_table(df: DataFrame, path: str, keys: list[str], user_metadata: str | None = None,
+                properties: dict[str, str] | None = None) -> int:
     """Upsert ``df`` into ``path`` by ``keys`` (one MERGE commit); creates the table on first write."""
     from delta.tables import DeltaTable
 
     spark = df.sparkSession
     if not DeltaTable.isDeltaTable(spark, path):
-        return write_table(df, path, user_metadata=user_metadata)
+        return write_table(df, path, user_metadata=user_metadata, properties=properties)
     condition = " AND ".join(f"t.`{k}` <=> s.`{k}`" for k in keys)
     previous = spark.conf.get("spark.databricks.delta.commitInfo.userMetadata", None)
     if user_metadata is not None:
