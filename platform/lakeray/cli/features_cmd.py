@@ -31,14 +31,9 @@ def describe(ctx: click.Context, name: str) -> None:
     """Show one feature job's declaration (keys, event time, expectations, code version)."""
     import yaml
 
-    from lakeray.errors import ConfigError
-    from lakeray.features.runner import discover_jobs
+    from lakeray.features.runner import find_job
 
-    jobs = discover_jobs(settings_from(ctx))
-    if name not in jobs:
-        raise ConfigError(f"no feature job named {name!r} (known: {', '.join(sorted(jobs)) or 'none'})",
-                          "see `lakeray features list`")
-    job = jobs[name]
+    job = find_job(settings_from(ctx), name)
     data = job.model_dump(mode="json", exclude={"expectations"})
     data["expectations"] = [f"{e.name} ({e.severity})" for e in job.expectations]
     data["code_version"] = job.code_version

@@ -76,14 +76,10 @@ def _covering_commit(history: list[dict[str, Any]], start: str, end: str) -> dic
 def backfill(spark: SparkSession, settings: Settings, name: str, start: str, end: str, step_days: int = 1,
              force: bool = False, on_chunk: Callable[[ChunkResult], None] | None = None) -> list[ChunkResult]:
     """Run job ``name`` chunk by chunk over [start, end); returns one result per chunk, in order."""
-    from lakeray.features.runner import discover_jobs, run_feature_job
+    from lakeray.features.runner import find_job, run_feature_job
     from lakeray.lakehouse.delta import table_exists, table_history
 
-    jobs = discover_jobs(settings)
-    job = jobs.get(name)
-    if job is None:
-        raise ConfigError(f"no feature job named {name!r} (known: {', '.join(sorted(jobs)) or 'none'})",
-                          "check the name, or add the job under feature_paths")
+    job = find_job(settings, name)
     if job.write_mode != "partitions":
         raise ConfigError(f"{name}: backfill needs write_mode 'partitions' (it is {job.write_mode!r})",
                           "declare write_mode='partitions' and partition_by=[<date column>], or use `features run`")

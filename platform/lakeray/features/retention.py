@@ -101,7 +101,7 @@ def vacuum(spark: SparkSession, settings: Settings, tables: list[str] | None = N
            dry_run: bool = False) -> list[TableVacuum]:
     """Vacuum ``tables`` (default: every table under the storage root), keeping referenced versions."""
     from lakeray.errors import ConfigError
-    from lakeray.lakehouse.delta import commit_timestamps, table_exists, table_version, vacuum_table
+    from lakeray.lakehouse.delta import table_exists, table_history, vacuum_table
 
     if retain_hours < 0:
         raise ConfigError(f"--retain-hours must be ≥ 0, got {retain_hours}", "pass hours to keep, e.g. 168")
@@ -118,9 +118,10 @@ def vacuum(spark: SparkSession, settings: Settings, tables: list[str] | None = N
 
             raise TableNotFoundError(f"no Delta table {table!r} at {path}", "see the tables under storage.root")
         kept = {v: why for v, why in sorted(refs.get(table, {}).items())}
-        stamps = commit_timestamps(spark, path)
+        # Commit times of every version still in the log (newest first), from one history read.
+        stamps = {c["version"]: c["timestamp"].timestamp() for c in table_history(spark, path)}
         hours = retain_hours
-        result = TableVacuum(table, table_version(spark, path), hours, kept, dry_run=dry_run)
+        result = TableVacuum(table, max(stamps), hours, kept, dry_run=dry_run)
         if kept:
             oldest = min(kept)
             if oldest not in stamps:

@@ -143,6 +143,16 @@ def _call(job: FeatureJob, inputs: dict[str, DataFrame], start: str | None, end:
     return output
 
 
+def find_job(settings: Settings, name: str) -> FeatureJob:
+    """The declared job ``name``; a ConfigError listing the known ones when there is none."""
+    jobs = discover_jobs(settings)
+    if name not in jobs:
+        known = ", ".join(sorted(jobs)) or "none"
+        raise ConfigError(f"no feature job named {name!r} (known: {known})",
+                          "check the name (`lakeray features list`), or add the job under feature_paths")
+    return jobs[name]
+
+
 def run_feature_job(spark: SparkSession, settings: Settings, name: str, start: str | None = None,
                     end: str | None = None) -> FeatureRunResult:
     """Run job ``name`` on the latest version of its inputs; one atomic commit (or none at all).
@@ -157,12 +167,7 @@ def run_feature_job(spark: SparkSession, settings: Settings, name: str, start: s
     from lakeray.lakehouse.delta import merge_table, read_table, table_exists, table_version, write_table
     from lakeray.lakehouse.quality import evaluate, raise_on_errors
 
-    jobs = discover_jobs(settings)
-    if name not in jobs:
-        known = ", ".join(sorted(jobs)) or "none"
-        raise ConfigError(f"no feature job named {name!r} (known: {known})",
-                          "check the name, or add the job under feature_paths")
-    job = jobs[name]
+    job = find_job(settings, name)
     if (start is None) != (end is None) or (start is not None and job.write_mode != "partitions"):
         raise ConfigError(f"{name}: --start and --end go together, and only with write_mode 'partitions'",
                           "pass both, or neither for a full run")

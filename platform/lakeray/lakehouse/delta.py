@@ -11,8 +11,7 @@ if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
 
 __all__ = ["write_table", "merge_table", "table_version", "table_exists", "table_history", "read_table", "read_arrow",
-           "table_files", "version_at", "vacuum_table", "commit_timestamps",
-           "table_rows"]
+           "table_files", "version_at", "vacuum_table", "table_rows"]
 
 
 def write_table(
@@ -235,14 +234,6 @@ def version_at(path: str, timestamp: str) -> int:
         raise TableNotFoundError(f"{path} did not exist yet at {when.isoformat()} (first commit {created})",
                                  "pick a later timestamp or a version from `lakeray features history`")
     return max(eligible)
-
-
-def commit_timestamps(spark: SparkSession, path: str) -> dict[int, float]:
-    """Commit time (epoch seconds) of every version still in the log."""
-    from delta.tables import DeltaTable
-
-    rows = DeltaTable.forPath(spark, path).history().select("version", "timestamp").collect()
-    return {int(r["version"]): r["timestamp"].timestamp() for r in rows}
 
 
 def vacuum_table(spark: SparkSession, path: str, retain_hours: float, dry_run: bool = False) -> list[str]:

@@ -139,7 +139,6 @@ class _AsOfPlan:
 
     def _key_codes(self, data):
         """One dense int64 code per row for the (possibly composite) key; any value for null keys."""
-        import numpy as np
         import pandas as pd
         import pyarrow.compute as pc
 
