@@ -160,3 +160,21 @@ def test_history_carries_run_lineage_and_time_travel_by_timestamp(spark, fs):
 
     with pytest.raises(TableNotFoundError, match="did not exist yet"):
         version_at(result.path, "2000-01-01T00:00:00")
+
+
+@pytest.mark.parametrize("driver_max_rows", [1_000, 0], ids=["hashes-sorted-in-driver", "hashes-shuffled-in-spark"])
+def test_unique_finds_duplicates_on_both_paths(spark, driver_max_rows):
+    from lakeray.lakehouse.quality import evaluate, expect
+
+    rows = [(i % 50, f"k{i // 50}") for i in range(200)]  # 200 distinct (a, b) pairs; no single column is unique
+    df = spark.createDataFrame(rows, "a long, b string")
+    checks = [expect.unique("a", "b"), expect.unique("a")]
+    clean, per_a = evaluate(df, checks, unique_on_driver_max_rows=driver_max_rows)
+    assert clean.passed and clean.failing_rows == 0
+    assert not per_a.passed and per_a.failing_rows == 200  # every a appears 4 times
+    dup = df.union(spark.createDataFrame([(7, "k0"), (None, None), (None, None)], "a long, b string"))
+    (broken,) = evaluate(dup, [expect.unique("a", "b")], unique_on_driver_max_rows=driver_max_rows)
+    # (7, k0) twice and (null, null) twice: null keys are equal to each other, as in a group-by.
+    assert broken.failing_rows == 4 and len(broken.examples) == 2
+    (empty,) = evaluate(df.limit(0), [expect.unique("a")], unique_on_driver_max_rows=driver_max_rows)
+    assert empty.passed

@@ -106,6 +106,11 @@ def create_spark_session(settings: Settings) -> SparkSession:
         # VACUUM of even a tiny table on local[2]. The shuffle partition count is the cluster's width.
         .config("spark.sql.sources.parallelPartitionDiscovery.parallelism", str(cfg.shuffle_partitions))
         .config("spark.driver.memory", cfg.driver_memory)
+        # The feature runner caches a job's output once for its quality checks and the write. Compressing
+        # the cached columns (Spark's default) made that cache 5% smaller at 5M rows of mostly doubles
+        # (648 vs 685 MiB) and its fill ~1.5 s (10%) slower on 2 cores. Set it back in spark.conf if the
+        # memory matters more (string-heavy outputs compress better).
+        .config("spark.sql.inMemoryColumnarStorage.compressed", "false")
         .config("spark.sql.session.timeZone", "UTC")
         .config("spark.ui.enabled", "true" if cfg.ui else "false")
         .config("spark.ui.showConsoleProgress", "false")
