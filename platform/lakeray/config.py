@@ -149,6 +149,14 @@ class Profile(_Model):
         description="Folders (relative to the project) whose *.py files hold feature jobs.",
     )
 
+    @field_validator("feature_paths", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: Any) -> Any:
+        # One string (from LAKERAY_FEATURE_PATHS=a,b or `feature_paths: a`) is a comma-separated list.
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
 
 class ProjectConfig(_Model):
     default_profile: str = Field("local", description="Profile used when none is named.")
@@ -209,6 +217,13 @@ def _format_errors(where: str, prefix: str, exc: ValidationError) -> str:
     return "; ".join(lines)
 
 
+# Profile fields outside any section (set as LAKERAY_<FIELD>, e.g. LAKERAY_FEATURE_PATHS=a,b).
+_TOP_LEVEL_FIELDS = frozenset(
+    name for name, f in Profile.model_fields.items()
+    if not (isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel))
+)
+
+
 def _env_overrides(environ: Mapping[str, str]) -> list[tuple[str, list[str], Any]]:
     import yaml
 
@@ -217,10 +232,11 @@ def _env_overrides(environ: Mapping[str, str]) -> list[tuple[str, list[str], Any
         if not key.startswith(_ENV_PREFIX) or key in _RESERVED_ENV:
             continue
         path = [part.lower() for part in key[len(_ENV_PREFIX) :].split("__")]
-        if len(path) < 2 or not all(path):
+        if not all(path) or (len(path) == 1 and path[0] not in _TOP_LEVEL_FIELDS):
             raise ConfigError(
                 f"environment variable {key}: cannot tell which field it sets",
-                "use LAKERAY_<SECTION>__<FIELD>, e.g. LAKERAY_RAY__ADDRESS=auto",
+                "use LAKERAY_<SECTION>__<FIELD>, e.g. LAKERAY_RAY__ADDRESS=auto "
+                f"(top-level fields: {', '.join('LAKERAY_' + f.upper() for f in sorted(_TOP_LEVEL_FIELDS))})",
             )
         try:
             value = yaml.safe_load(raw) if raw != "" else None

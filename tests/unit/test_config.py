@@ -68,6 +68,14 @@ def test_env_override_is_typed_and_wins_over_file(tmp_path):
     assert settings.profile.ray.address == "auto"
 
 
+def test_feature_paths_can_be_set_from_the_environment(tmp_path):
+    path = write(tmp_path, "profiles:\n  local:\n    feature_paths: [jobs/features]\n")
+    listed = load_settings(path, environ={"LAKERAY_FEATURE_PATHS": "jobs/features, team/jobs"})
+    assert listed.profile.feature_paths == ["jobs/features", "team/jobs"]
+    as_yaml = load_settings(path, environ={"LAKERAY_FEATURE_PATHS": "[other/jobs]"})
+    assert as_yaml.profile.feature_paths == ["other/jobs"]
+
+
 @pytest.mark.parametrize(
     ("key", "value", "expected"),
     [
