@@ -52,6 +52,7 @@ class DemoResult:
     test_rows: int = 0
     train_s: float | None = None
     train_startup_s: float | None = None
+    train_load_s: float | None = None  # part of train_startup_s: the workers' Delta read
     model_uri: str | None = None
     model_version: int | None = None
     run_id: str | None = None
@@ -169,6 +170,7 @@ def run_demo(settings: Settings, rows: int = 200_000, seed: int = 42, prediction
             result.train_rows, result.test_rows = report.outcome.train_rows, report.test_rows
             result.train_s = round(report.outcome.train_s, 2)
             result.train_startup_s = round(report.outcome.startup_s, 2)
+            result.train_load_s = round(report.outcome.load_s, 2)
             result.model_uri = report.model.uri
             result.model_version = report.model.version
             result.run_id = report.model.run_id

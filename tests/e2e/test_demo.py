@@ -34,6 +34,33 @@ def run_demo(env) -> dict:
     return json.loads(result.stdout)
 
 
+def keep_serving_demo(env, log: Path) -> dict:
+    """`demo --json --keep-serving`: the summary comes out while the endpoint is up; Ctrl-C ends it cleanly."""
+    import queue
+    import threading
+
+    import httpx
+
+    with log.open("w") as stderr:
+        proc = subprocess.Popen([LAKERAY, "--config", str(REPO / "lakeray.yaml"), "demo", "--json", "--keep-serving",
+                                 "--rows", str(ROWS)], stdout=subprocess.PIPE, stderr=stderr, text=True, env=env)
+        lines: queue.Queue = queue.Queue()
+        threading.Thread(target=lambda: lines.put(proc.stdout.readline()), daemon=True).start()
+        try:
+            summary = json.loads(lines.get(timeout=900))
+            # Still serving after the summary: the endpoint answers until the interrupt.
+            row = {f: 1.0 for f in summary["features"]}
+            reply = httpx.post(f"{summary['endpoint']}/predict", json={"instances": [row]}, timeout=30)
+            assert reply.status_code == 200 and reply.json()["model_version"] == summary["model_version"]
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(timeout=120) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert "serving at " + summary["endpoint"] in log.read_text()
+    return summary
+
+
 @pytest.fixture(scope="module")
 def first_run(demo_env):
     return run_demo(demo_env[0])
@@ -77,7 +104,7 @@ def test_interrupted_demo_exits_cleanly_and_the_next_run_succeeds(first_run, dem
             proc.kill()
     assert proc.returncode == 130, proc.stderr.read()[-3000:]
 
-    second = run_demo(env)
+    second = keep_serving_demo(env, root.parent / "keep-serving.log")
     # Re-running overwrites: new versions, the same rows, never duplicated.
     assert second["source_table_version"] > first_run["source_table_version"]
     assert second["feature_table_version"] > first_run["feature_table_version"]

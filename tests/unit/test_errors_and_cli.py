@@ -73,3 +73,24 @@ def test_demo_without_jars_exits_with_setup_message(tmp_path):
     assert result.returncode == 3
     assert "Delta jars" in result.stderr and "make setup" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "lh" / "tables").exists()
+
+
+@pytest.mark.parametrize(("reported", "refused"), [('java version "1.8.0_402"', True),
+                                                    ('openjdk version "11.0.22" 2024-01-16', True),
+                                                    ('openjdk version "17.0.15" 2025-04-15', False),
+                                                    ('openjdk version "21" 2023-09-19', False)])
+def test_java_older_than_17_is_a_setup_error(tmp_path, monkeypatch, reported, refused):
+    from lakeray.lakehouse.spark import check_java
+
+    # A stand-in JDK whose `java -version` says `reported` on stderr, as real ones do.
+    java = tmp_path / "bin" / "java"
+    java.parent.mkdir()
+    java.write_text(f"#!/bin/sh\necho '{reported}' >&2\n")
+    java.chmod(0o755)
+    monkeypatch.setenv("JAVA_HOME", str(tmp_path))
+    if refused:
+        with pytest.raises(SetupError, match="needs Java 17 or newer") as err:
+            check_java()
+        assert str(java) in err.value.headline and "JAVA_HOME" in err.value.fix
+    else:
+        assert check_java() == str(java)

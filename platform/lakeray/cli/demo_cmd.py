@@ -45,21 +45,30 @@ def demo(ctx: click.Context, rows: int, seed: int, as_json: bool, keep_serving: 
             done.append(stage)
             console.print(f"[green]✓[/] {_LABELS[stage]}")
 
+    def report(result) -> None:
+        if as_json:
+            click.echo(json.dumps(result.as_dict()))
+        else:
+            _print_summary(console, result)
+
     def hold(result) -> None:
+        # The summary first: it names the model and the endpoint the user is about to query.
         status.stop()
+        report(result)
         console.print(f"serving at {result.endpoint}/predict — Ctrl-C stops")
-        while True:
-            time.sleep(3600)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            console.print("stopping Ray and the endpoint")
 
     try:
         result = run_demo(settings, rows=rows, seed=seed, progress=progress,
                           serve_forever=hold if keep_serving else None)
     finally:
         status.stop()
-    if as_json:
-        click.echo(json.dumps(result.as_dict()))
-        return
-    _print_summary(console, result)
+    if not keep_serving:
+        report(result)
 
 
 def _print_summary(console, result) -> None:
@@ -74,7 +83,8 @@ def _print_summary(console, result) -> None:
     summary.add_row("quality gate", ", ".join(f"{k} {'ok' if v else 'WARN'}" for k, v in result.feature_checks.items()))
     summary.add_row("held-out AUC", f"{result.auc:.4f} on {result.test_rows:,} rows")
     summary.add_row("model", f"{result.model_uri} → version {result.model_version} (run {result.run_id})")
-    summary.add_row("training", f"boosting {result.train_s:.1f} s + start-up {result.train_startup_s:.1f} s")
+    summary.add_row("training", f"boosting {result.train_s:.1f} s + start-up {result.train_startup_s:.1f} s "
+                                f"(of which Delta read {result.train_load_s:.1f} s)")
     summary.add_row("endpoint", f"{result.endpoint}/predict")
     summary.add_row("seconds per stage", ", ".join(f"{k} {v:.1f}" for k, v in result.stage_seconds.items()))
     console.print(summary)

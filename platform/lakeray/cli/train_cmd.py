@@ -30,4 +30,4 @@ def train(ctx: click.Context, table: str, version: int | None, label: str, id_co
         report = train_and_register(settings, spec, alias=alias)
     click.echo(f"{report.model.uri} (v{report.model.version}) from {table}@{version}: "
                f"auc {report.auc:.4f}, boosting {report.outcome.train_s:.1f} s, "
-               f"start-up {report.outcome.startup_s:.1f} s")
+               f"start-up {report.outcome.startup_s:.1f} s (of which Delta read {report.outcome.load_s:.1f} s)")

@@ -5,7 +5,8 @@ On a 2-core machine, Ray Train's workers would otherwise hold every CPU and Ray 
 replica) could never be scheduled: the run hangs instead of failing (DESIGN.md, "Traps"). XGBoost
 threads are set explicitly per worker, so the extra logical CPUs do not oversubscribe the cores.
 
-Every wait on Ray in lakeray goes through :func:`ray_get` or carries its own timeout.
+Every wait on Ray in lakeray carries a timeout (``ray.op_timeout_s``): a stuck cluster fails, it
+does not hang.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from lakeray.errors import ClusterError
 if TYPE_CHECKING:
     from lakeray.config import Settings
 
-__all__ = ["RayHandle", "start_ray", "ray_session", "ray_get", "fast_proxy_available", "local_num_cpus"]
+__all__ = ["RayHandle", "start_ray", "ray_session", "fast_proxy_available", "local_num_cpus"]
 
 # Serve's HAProxy ingress + throughput-optimised mode: ~5x the default proxy on 2 cores (DESIGN.md).
 # They are read when Ray (and Serve's controller) start, so they must be set before ray.init.
@@ -151,17 +152,3 @@ def ray_session(settings: Settings) -> Iterator[RayHandle]:
         yield handle
     finally:
         handle.shutdown()
-
-
-def ray_get(refs: Any, timeout_s: float, what: str) -> Any:
-    """``ray.get`` that never waits forever: ClusterError naming ``what`` after ``timeout_s``."""
-    import ray
-    from ray.exceptions import GetTimeoutError
-
-    try:
-        return ray.get(refs, timeout=timeout_s)
-    except GetTimeoutError:
-        raise ClusterError(
-            f"{what} did not finish within {timeout_s:.0f} s",
-            "check `ray status` for CPUs held by other work, or raise ray.op_timeout_s",
-        ) from None

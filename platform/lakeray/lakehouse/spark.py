@@ -8,6 +8,7 @@ resolves anything at start-up, so it works offline.
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import tempfile
@@ -29,18 +30,44 @@ _MARKER = "RESOLVED"
 
 
 def check_java() -> str:
-    """Path of the java binary Spark will use; SetupError with the fix when there is none."""
+    """Path of the java binary Spark will use; SetupError with the fix when there is none or it is too old."""
     java_home = os.environ.get("JAVA_HOME")
     java = Path(java_home, "bin", "java") if java_home else None
-    if java is not None and java.is_file():
-        return str(java)
-    found = shutil.which("java")
-    if found:
-        return found
-    raise SetupError(
-        "Java was not found: Spark needs a JDK 17 or 21",
-        "install one (Debian: apt-get install -y openjdk-17-jre-headless) or set JAVA_HOME",
-    )
+    found = str(java) if java is not None and java.is_file() else shutil.which("java")
+    if not found:
+        raise SetupError(
+            "Java was not found: Spark needs a JDK 17 or 21",
+            "install one (Debian: apt-get install -y openjdk-17-jre-headless) or set JAVA_HOME",
+        )
+    major = _java_major(found)
+    if major is not None and major < MIN_JAVA:
+        # Spark 4 would die at start-up with an UnsupportedClassVersionError deep in a JVM stack trace.
+        raise SetupError(
+            f"{found} is Java {major}: Spark {_SPARK_LINE} needs Java {MIN_JAVA} or newer (17 or 21)",
+            "install a JDK 17 (Debian: apt-get install -y openjdk-17-jre-headless) and set JAVA_HOME to it",
+        )
+    return found
+
+
+MIN_JAVA = 17
+_SPARK_LINE = "4.2"
+
+
+@functools.lru_cache(maxsize=8)
+def _java_major(java: str) -> int | None:
+    """The major version `java -version` reports (``1.8.0_402`` is 8); None when it cannot tell."""
+    import re
+    import subprocess
+
+    try:
+        out = subprocess.run([java, "-version"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    match = re.search(r'version "(\d+)(?:\.(\d+))?', out.stderr + out.stdout)
+    if match is None:
+        return None
+    first = int(match.group(1))
+    return int(match.group(2) or 0) if first == 1 else first
 
 
 def delta_jars(jars_dir: Path) -> list[str]:
