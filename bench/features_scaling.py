@@ -35,7 +35,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from features_write import (  # noqa: E402  (bench/ is not a package)
+    BUSY_SHARE,
     REPO,
+    OtherLoad,
+    add_common_args,
     bench_settings,
     finish,
     instrument_runner,
@@ -59,13 +62,12 @@ def main() -> int:
     parser.add_argument("--large", type=int, default=10_000_000, help="input transactions of the large run")
     parser.add_argument("--small-repeats", type=int, default=2, help="small runs (one before, the rest after "
                         "the large one); the fastest counts")
-    parser.add_argument("--warmup-rows", type=int, default=100_000)
-    parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--driver-memory", default=None, help="override the profile's spark.driver_memory")
+    add_common_args(parser)
     parser.add_argument("--out", default=str(REPO / "bench/results/features_scaling.json"))
     args = parser.parse_args()
     os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
     load_start = load1()
+    other_load = OtherLoad()
     bench_started = time.perf_counter()
 
     from lakeray.lakehouse.spark import create_spark_session
@@ -111,7 +113,8 @@ def main() -> int:
     rows_ok = all(r["rows"] == r["input_rows"] for rs in runs.values() for r in rs)
     checks_ok = all(all(r["expectations"].values()) for rs in runs.values() for r in rs)
     load_end = load1()
-    busy = max(load_start, load_end) > 0.5 * (os.cpu_count() or 1)
+    other_share = other_load.share()
+    busy = other_share > BUSY_SHARE
     settings = roots["small"]
     result = {
         "name": "features_scaling",
@@ -135,7 +138,8 @@ def main() -> int:
                    "spark_master": settings.profile.spark.master, "driver_memory": settings.profile.spark.driver_memory,
                    "shuffle_partitions": settings.profile.spark.shuffle_partitions,
                    "generate_s": {k: round(v, 1) for k, v in generate_s.items()}, "warmup_s": round(warmup_s, 1)},
-        "machine": dict(machine(), load_avg_1m_at_start=load_start, load_avg_1m_at_end=load_end, busy=busy),
+        "machine": dict(machine(), load_avg_1m_at_start=load_start, load_avg_1m_at_end=load_end,
+                        other_processes_cpu_share=other_share, busy=busy),
         "wall_s": round(time.perf_counter() - bench_started, 1),
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
@@ -156,7 +160,7 @@ def main() -> int:
                                                        for rs in runs.values() for r in rs))
     if not checks_ok:
         failed.append("expectations FAILED: " + str([r["expectations"] for rs in runs.values() for r in rs]))
-    return finish("features_scaling", ratio, TARGET, failed, busy, load_start, load_end)
+    return finish("features_scaling", ratio, TARGET, failed, other_share)
 
 
 if __name__ == "__main__":
