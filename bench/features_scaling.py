@@ -34,10 +34,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from proctree import BUSY_SHARE, OtherLoad  # noqa: E402  (bench/ is not a package)
 from features_write import (  # noqa: E402  (bench/ is not a package)
-    BUSY_SHARE,
     REPO,
-    OtherLoad,
     add_common_args,
     bench_settings,
     finish,

@@ -44,6 +44,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from proctree import BUSY_SHARE, OtherLoad  # noqa: E402  (bench/ is not a package)
+
 REPO = Path(__file__).resolve().parents[1]
 TARGET = 1.3
 JOB = "customer_aggregates"
@@ -109,53 +111,6 @@ def jvm_cpu_s(pid: int) -> float:
 
 def load1() -> float:
     return round(os.getloadavg()[0], 2)
-
-
-class OtherLoad:
-    """The share of the machine's CPU that processes outside this benchmark's process tree used (steal
-    time included) since it was made. The load average cannot tell: the benchmark's own JVM keeps
-    every core busy, so it read "busy" on nearly every run."""
-
-    def __init__(self) -> None:
-        self._started = time.perf_counter()
-        self._machine, self._tree = self._machine_busy_s(), self._tree_s()
-
-    @staticmethod
-    def _machine_busy_s() -> float:
-        # /proc/stat "cpu": user nice system idle iowait irq softirq steal ... (in clock ticks)
-        ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-        return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
-
-    @staticmethod
-    def _tree_s() -> float:
-        """CPU seconds of this process and its descendants (the JVM, its workers), reaped children included."""
-        parents: dict[int, int] = {}
-        cpu: dict[int, float] = {}
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:  # exited meanwhile
-                continue
-            pid = int(entry.name)
-            parents[pid] = int(fields[1])
-            cpu[pid] = sum(int(v) for v in fields[11:15]) / os.sysconf("SC_CLK_TCK")  # utime stime cutime cstime
-        tree, frontier = {os.getpid()}, [os.getpid()]
-        while frontier:
-            parent = frontier.pop()
-            children = [pid for pid, ppid in parents.items() if ppid == parent and pid not in tree]
-            tree.update(children)
-            frontier.extend(children)
-        return sum(cpu.get(pid, 0.0) for pid in tree)
-
-    def share(self) -> float:
-        elapsed = (time.perf_counter() - self._started) * (os.cpu_count() or 1)
-        others = (self._machine_busy_s() - self._machine) - (self._tree_s() - self._tree)
-        return round(max(others, 0.0) / elapsed, 3) if elapsed > 0 else 0.0
-
-
-BUSY_SHARE = 0.10  # other processes above 10% of the machine: the figures are not to be trusted
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> None:

@@ -27,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from proctree import tree_usage  # noqa: E402  (bench/ is not a package)
+
 REPO = Path(__file__).resolve().parents[1]
 TARGET = 3.0
 ENTITIES = 100_000
@@ -91,30 +93,9 @@ class TreePeak:
         self._stop.set()
         self._thread.join()
 
-    @staticmethod
-    def _tree_rss_mib(root: int) -> float:
-        parents, rss = {}, {}
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                stat = (entry / "stat").read_text()
-                fields = stat[stat.rindex(")") + 2:].split()
-                parents[int(entry.name)] = int(fields[1])
-                rss[int(entry.name)] = int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
-            except (OSError, ValueError, IndexError):
-                continue
-        tree, frontier = {root}, [root]
-        while frontier:
-            pid = frontier.pop()
-            children = [p for p, parent in parents.items() if parent == pid and p not in tree]
-            tree.update(children)
-            frontier.extend(children)
-        return sum(rss.get(p, 0) for p in tree) / 2**20
-
     def _run(self) -> None:
         while not self._stop.wait(0.2):
-            self.peak_mib = max(self.peak_mib, self._tree_rss_mib(os.getpid()))
+            self.peak_mib = max(self.peak_mib, tree_usage()[1] / 2**20)
 
 
 def jvm_peak_mib(spark) -> float:

@@ -18,8 +18,8 @@ Method (one process, both sides on the same machine in the same run):
 
 Caveat: 2 OpenMP threads on a 2-core machine busy with other work spin-wait on each other; the
 baseline then slows down many times (80k rows × 20 rounds, load 5: 6.6 s; 0.5 s with
-OMP_WAIT_POLICY=passive) while the 1-thread workers do not. The run records the load average and
-warns when the machine was busy.
+OMP_WAIT_POLICY=passive) while the 1-thread workers do not. The run records the CPU share that other
+processes used while it ran and warns above 10%.
 
 Prints ``train_xgboost: ratio X.XX (target 1.5)`` last and writes bench/results/train_xgboost.json.
 """
@@ -34,6 +34,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from proctree import BUSY_SHARE, OtherLoad  # noqa: E402  (bench/ is not a package)
 
 REPO = Path(__file__).resolve().parents[1]
 TARGET = 1.5
@@ -101,6 +103,7 @@ def main() -> int:
     parser.add_argument("--out", default=str(REPO / "bench/results/train_xgboost.json"))
     args = parser.parse_args()
     load_start = os.getloadavg()[0]
+    other_load = OtherLoad()
 
     from sklearn.metrics import roc_auc_score
 
@@ -135,7 +138,8 @@ def main() -> int:
     baseline_s = min(base_before, base_after)
     ratio = warm.train_s / baseline_s
     auc_diff = auc_candidate - auc_baseline
-    busy = load_start > 0.5 * (os.cpu_count() or 1)
+    other_share = other_load.share()
+    busy = other_share > BUSY_SHARE
     result = {
         "name": "train_xgboost",
         "ratio": round(ratio, 3),
@@ -158,7 +162,8 @@ def main() -> int:
         "params": {"rows": args.rows, "train_rows": train_rows, "features": args.features, "rounds": args.rounds,
                    "files": files, "workers": cfg.num_workers, "threads_per_worker": cfg.cpus_per_worker,
                    "baseline_threads": threads, "seed": args.seed, "xgb_params": cfg.params},
-        "machine": dict(machine(), load_avg_1m_at_start=round(load_start, 2), busy=busy),
+        "machine": dict(machine(), load_avg_1m_at_start=round(load_start, 2), other_processes_cpu_share=other_share,
+                        busy=busy),
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -182,7 +187,7 @@ def main() -> int:
     for line in failed:
         print(line)
     if busy:
-        print(f"WARNING: load average {load_start:.1f} on {os.cpu_count()} cores at start: the 2-thread "
+        print(f"WARNING: other processes used {other_share:.0%} of the machine's CPU during the run: the 2-thread "
               "baseline slows down a lot on a busy machine; re-run on an idle one before trusting the ratio")
     if ratio > TARGET:
         print(f"MISSED: ratio {ratio:.2f} is above the target {TARGET}")

@@ -146,6 +146,7 @@ class Profile(_Model):
     serve: ServeConfig = Field(default_factory=ServeConfig)
     feature_paths: list[str] = Field(
         default_factory=lambda: ["jobs/features"],
+        min_length=1,
         description="Folders (relative to the project) whose *.py files hold feature jobs.",
     )
 
@@ -238,10 +239,13 @@ def _env_overrides(environ: Mapping[str, str]) -> list[tuple[str, list[str], Any
                 "use LAKERAY_<SECTION>__<FIELD>, e.g. LAKERAY_RAY__ADDRESS=auto "
                 f"(top-level fields: {', '.join('LAKERAY_' + f.upper() for f in sorted(_TOP_LEVEL_FIELDS))})",
             )
-        try:
-            value = yaml.safe_load(raw) if raw != "" else None
-        except yaml.YAMLError:
-            value = raw
+        if len(path) == 1 and not raw.lstrip().startswith("["):
+            value = raw  # a top-level list (feature_paths): a comma-separated string, never a YAML scalar like 2024
+        else:
+            try:
+                value = yaml.safe_load(raw) if raw != "" else None
+            except yaml.YAMLError:
+                value = raw
         overrides.append((key, path, value))
     return overrides
 

@@ -178,3 +178,15 @@ def test_unique_finds_duplicates_on_both_paths(spark, driver_max_rows):
     assert broken.failing_rows == 4 and len(broken.examples) == 2
     (empty,) = evaluate(df.limit(0), [expect.unique("a")], unique_on_driver_max_rows=driver_max_rows)
     assert empty.passed
+
+
+@pytest.mark.parametrize("rows_seen", [200, 10**9], ids=["driver-sort", "spark-group-by"])
+def test_key_hashes_repeat_only_when_keys_do(spark, rows_seen):
+    from lakeray.lakehouse.quality import UNIQUE_ON_DRIVER_MAX_ROWS, _hashes_repeat
+
+    # rows_seen picks the path: 200 rows sort in the driver, a billion go to Spark's group-by.
+    distinct = spark.range(200).selectExpr("id % 50 as a", "cast(id div 50 as string) as b")
+    assert not _hashes_repeat(distinct, ["a", "b"], rows_seen, UNIQUE_ON_DRIVER_MAX_ROWS)
+    assert _hashes_repeat(distinct, ["a"], rows_seen, UNIQUE_ON_DRIVER_MAX_ROWS)
+    assert not _hashes_repeat(distinct.limit(0), ["a"], 0 if rows_seen == 200 else rows_seen,
+                              UNIQUE_ON_DRIVER_MAX_ROWS)

@@ -74,6 +74,10 @@ def test_feature_paths_can_be_set_from_the_environment(tmp_path):
     assert listed.profile.feature_paths == ["jobs/features", "team/jobs"]
     as_yaml = load_settings(path, environ={"LAKERAY_FEATURE_PATHS": "[other/jobs]"})
     assert as_yaml.profile.feature_paths == ["other/jobs"]
+    # Folder names that YAML would read as a number or a bool stay names.
+    assert load_settings(path, environ={"LAKERAY_FEATURE_PATHS": "2024,on"}).profile.feature_paths == ["2024", "on"]
+    with pytest.raises(ConfigError, match="LAKERAY_FEATURE_PATHS: feature_paths: List should have at least 1 item"):
+        load_settings(path, environ={"LAKERAY_FEATURE_PATHS": ","})
 
 
 @pytest.mark.parametrize(

@@ -94,3 +94,20 @@ def test_java_older_than_17_is_a_setup_error(tmp_path, monkeypatch, reported, re
         assert str(java) in err.value.headline and "JAVA_HOME" in err.value.fix
     else:
         assert check_java() == str(java)
+
+
+def test_a_taken_serve_port_is_refused_before_serve_starts():
+    import socket
+
+    from lakeray.errors import ClusterError
+    from lakeray.serving.deploy import _refuse_busy_port, _url_host
+
+    with socket.socket() as other:  # any program listening there, HTTP or not
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        with pytest.raises(ClusterError, match=f"port {port} on 127.0.0.1 is already in use") as err:
+            _refuse_busy_port("127.0.0.1", port)
+        assert "LAKERAY_SERVE__PORT" in err.value.fix
+    _refuse_busy_port("127.0.0.1", port)  # closed again: free, no error
+    assert _url_host("::1") == "[::1]" and _url_host("127.0.0.1") == "127.0.0.1"

@@ -43,14 +43,22 @@ def check_java() -> str:
     if major is not None and major < MIN_JAVA:
         # Spark 4 would die at start-up with an UnsupportedClassVersionError deep in a JVM stack trace.
         raise SetupError(
-            f"{found} is Java {major}: Spark {_SPARK_LINE} needs Java {MIN_JAVA} or newer (17 or 21)",
+            f"{found} is Java {major}: Spark {_spark_version()} needs Java {MIN_JAVA} or newer (17 or 21)",
             "install a JDK 17 (Debian: apt-get install -y openjdk-17-jre-headless) and set JAVA_HOME to it",
         )
     return found
 
 
-MIN_JAVA = 17
-_SPARK_LINE = "4.2"
+MIN_JAVA = 17  # Spark 4 dropped Java 8 and 11
+
+
+def _spark_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("pyspark")
+    except PackageNotFoundError:
+        return "4"
 
 
 @functools.lru_cache(maxsize=8)
