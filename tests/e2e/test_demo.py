@@ -22,7 +22,10 @@ KEYS = {"rows", "feature_table", "feature_table_version", "auc", "model_uri", "e
 @pytest.fixture(scope="module")
 def demo_env(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo-lakehouse")
-    env = dict(os.environ, LAKERAY_STORAGE__ROOT=str(root), LAKERAY_SERVE__PORT=str(free_port()),
+    # Not the HAProxy ports and paths that this test process's own Ray (tests/ray, when it ran first) put in
+    # os.environ: the demo's cluster must pick its own, as it does for a user.
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith("RAY_SERVE_HAPROXY_")}
+    env = dict(inherited, LAKERAY_STORAGE__ROOT=str(root), LAKERAY_SERVE__PORT=str(free_port()),
                LAKERAY_SPARK__DRIVER_MEMORY="2g", LAKERAY_SPARK__SHUFFLE_PARTITIONS="4")
     return env, root
 
