@@ -142,3 +142,35 @@ def test_redeploy_reuses_the_port_and_another_port_fails_at_once(settings, repor
     assert time.monotonic() - started < 10  # not after ray.op_timeout_s
     # The refused deploy changed nothing: the endpoint still answers on its own port.
     assert httpx.get(f"{endpoint.url}/healthz", timeout=10).json()["model_version"] == report.model.version
+
+
+def test_a_model_that_cannot_load_fails_the_deploy_with_its_reason(settings, report, endpoint):
+    import os
+    import time
+
+    from ray import serve
+
+    from lakeray.errors import ClusterError
+    from lakeray.registry import mlflow_client
+    from lakeray.serving.deploy import deploy_model
+
+    client = mlflow_client(settings)
+    # A registered version whose artifacts are not a model: every replica start raises in its constructor.
+    empty = settings.storage_root + "/not_a_model"
+    os.makedirs(empty, exist_ok=True)
+    broken = client.create_model_version(report.model.name, source=empty, run_id=report.model.run_id)
+    client.set_registered_model_alias(report.model.name, "broken", broken.version)
+    started = time.monotonic()
+    try:
+        with pytest.raises(ClusterError, match=rf"could not deploy models:/{report.model.name}@broken "
+                                               rf"\(version {broken.version}\)") as err:
+            deploy_model(settings, f"models:/{report.model.name}@broken", route_prefix="/broken", app_name="broken")
+        # The root cause from the replica, not only "Failed to update the deployments".
+        assert "MlflowException" in err.value.headline and "MLmodel" in err.value.headline
+        assert "ray logs" in err.value.fix
+        assert time.monotonic() - started < 180  # ended by DEPLOY_FAILED (~30 s here), not the 600 s timeout
+    finally:
+        serve.delete("broken")
+        client.delete_model_version(report.model.name, broken.version)
+    # The other app was never touched.
+    assert httpx.get(f"{endpoint.url}/healthz", timeout=10).json()["model_version"] == report.model.version

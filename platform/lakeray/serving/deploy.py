@@ -24,8 +24,10 @@ class Endpoint:
     features: list[str]
 
 
-def deploy_model(settings: Settings, model_uri: str, route_prefix: str = "/") -> Endpoint:
+def deploy_model(settings: Settings, model_uri: str, route_prefix: str = "/", app_name: str = APP_NAME) -> Endpoint:
     """Serve ``model_uri`` (``models:/name@alias``) on the profile's host:port; Ray must be running.
+
+    ``app_name``/``route_prefix``: several models can share one Serve, each its own app under its own prefix.
 
     The alias is resolved here, once, and the replicas load that version: moving the alias later
     changes nothing until the next deploy. Every wait is bounded by ``ray.op_timeout_s``.
@@ -53,16 +55,16 @@ def deploy_model(settings: Settings, model_uri: str, route_prefix: str = "/") ->
     app = build_app(settings.mlflow_tracking_uri, pinned, cfg.max_batch_rows, cfg.num_replicas, cfg.replica_cpus)
     # serve.run waits for the replicas with no timeout (replicas that never get a CPU hang it forever):
     # submit without waiting, then wait here, bounded.
-    serve.run_many([serve.RunTarget(target=app, name=APP_NAME, route_prefix=route_prefix)],
+    serve.run_many([serve.RunTarget(target=app, name=app_name, route_prefix=route_prefix)],
                    wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)
     url = f"http://{_url_host(host)}:{cfg.port}{route_prefix.rstrip('/')}"
     deadline = time.monotonic() + settings.profile.ray.op_timeout_s
     last_error = "no answer"
     while time.monotonic() < deadline:
-        app_status = serve.status().applications.get(APP_NAME)
+        app_status = serve.status().applications.get(app_name)
         if app_status is not None and app_status.status == "DEPLOY_FAILED":
             raise ClusterError(f"Ray Serve could not deploy {model_uri} (version {expected.version}): "
-                               f"{app_status.message.strip().splitlines()[-1] if app_status.message else 'no reason given'}",
+                               f"{_failure_reason(app_status)}",
                                "see the replica log (`ray logs`, /tmp/ray/session_latest/logs/serve/)")
         try:
             reply = httpx.get(f"{url}/healthz", timeout=5.0)
@@ -80,6 +82,16 @@ def deploy_model(settings: Settings, model_uri: str, route_prefix: str = "/") ->
     raise ClusterError(f"the endpoint {url} did not become healthy within {settings.profile.ray.op_timeout_s:.0f} s "
                        f"({last_error})",
                        "check `ray status` for CPUs (serve.replica_cpus) and the Serve logs (`ray logs`)")
+
+
+def _failure_reason(app_status) -> str:
+    """The root cause of a DEPLOY_FAILED app: the last line of a failed deployment's traceback (the
+    app's own message only says which deployments failed)."""
+    for message in [d.message for d in app_status.deployments.values()] + [app_status.message]:
+        lines = [line.strip() for line in (message or "").splitlines() if line.strip()]
+        if lines:
+            return lines[-1][:500]
+    return "no reason given"
 
 
 def _running_serve_port() -> int | None:
