@@ -44,7 +44,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from proctree import BUSY_SHARE, OtherLoad  # noqa: E402  (bench/ is not a package)
+from proctree import BUSY_SHARE, OtherLoad, stat_fields  # noqa: E402  (bench/ is not a package)
 
 REPO = Path(__file__).resolve().parents[1]
 TARGET = 1.3
@@ -105,7 +105,7 @@ def python_peak_mib() -> float:
 
 def jvm_cpu_s(pid: int) -> float:
     """User + system CPU seconds the JVM has used so far (robust to other work on the machine)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    fields = stat_fields(pid)
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 

@@ -13,6 +13,13 @@ from pathlib import Path
 BUSY_SHARE = 0.10  # other processes above 10% of the machine's CPU: the figures are not to be trusted
 
 
+def stat_fields(pid: int | str) -> list[str]:
+    """/proc/<pid>/stat after the command name (which may hold spaces): fields[0] is the state, [1] the
+    parent pid, [11:15] utime stime cutime cstime, [21] rss in pages."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat[stat.rindex(")") + 2:].split()
+
+
 def tree_usage(root: int | None = None) -> tuple[float, int]:
     """(CPU seconds, resident bytes) of ``root`` (default: this process) and all its descendants."""
     root = os.getpid() if root is None else root
@@ -23,11 +30,9 @@ def tree_usage(root: int | None = None) -> tuple[float, int]:
         if not entry.name.isdigit():
             continue
         try:
-            stat = (entry / "stat").read_text()
-            fields = stat[stat.rindex(")") + 2:].split()
+            fields = stat_fields(entry.name)
             pid = int(entry.name)
             parents[pid] = int(fields[1])
-            # utime stime cutime cstime, and rss (in pages)
             usage[pid] = (sum(int(v) for v in fields[11:15]) / tick, int(fields[21]) * page)
         except (OSError, ValueError, IndexError):  # exited meanwhile, or an unreadable entry
             continue
