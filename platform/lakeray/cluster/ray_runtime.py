@@ -65,26 +65,30 @@ def fast_proxy_available() -> bool:
 
 @dataclass
 class RayHandle:
-    """A connection to Ray that lakeray made; ``owns_cluster`` when it started the local Ray itself."""
+    """A Ray connection as lakeray found or made it.
+
+    ``owns_cluster``: lakeray started this local Ray (shutdown stops it). ``owns_connection``: lakeray
+    made the connection (shutdown disconnects it). Neither when Ray was already initialised by the
+    caller before :func:`start_ray`: shutdown then leaves the caller's Ray connected and running.
+    """
 
     address: str
     owns_cluster: bool
     num_cpus: float
     fast_proxy: bool
     op_timeout_s: float
+    owns_connection: bool = True
 
     def shutdown(self) -> None:
-        """Disconnect; stops Serve and the local cluster when lakeray started it."""
+        """Disconnect a connection lakeray made; stops Serve and the local cluster when lakeray started it."""
         import ray
 
-        if not ray.is_initialized():
-            return
-        if not self.owns_cluster:
-            ray.shutdown()
-            return
-        # A local cluster we started: ray.shutdown() stops every process of it, Serve's controller,
-        # proxies and replicas included. serve.shutdown() first would only add a graceful drain that
-        # took >30 s on 2 cores, for replicas that are about to be killed anyway.
+        if not self.owns_connection or not ray.is_initialized():
+            return  # the caller's Ray: theirs to shut down
+        # A remote cluster: ray.shutdown() only disconnects this driver. A local cluster we started:
+        # it stops every process of it, Serve's controller, proxies and replicas included.
+        # serve.shutdown() first would only add a graceful drain that took >30 s on 2 cores, for
+        # replicas that are about to be killed anyway.
         ray.shutdown()
 
 
@@ -121,7 +125,7 @@ def start_ray(settings: Settings) -> RayHandle:
     if ray.is_initialized():
         resources = ray.cluster_resources()
         return RayHandle(ray.get_runtime_context().gcs_address, False, resources.get("CPU", 0),
-                         fast_proxy, cfg.op_timeout_s)
+                         fast_proxy, cfg.op_timeout_s, owns_connection=False)
     kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True, "configure_logging": False}
     try:
         if cfg.address:
