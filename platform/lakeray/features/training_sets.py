@@ -2,8 +2,13 @@
 
 A build pins every input table's version, joins in Spark (:mod:`lakeray.lakehouse.pit`), writes the
 result as a Delta table in one commit, and writes a manifest beside it: the spec with every version
-pinned, the row count and a content hash. :func:`rebuild_training_set` replays a manifest and gives
-the same rows, bit for bit (same content hash), as long as the pinned versions have not been vacuumed.
+and every join key pinned, the row count, the row-hash scheme and a content hash.
+:func:`rebuild_training_set` replays a manifest and gives the same rows, bit for bit (same content
+hash), as long as the pinned versions have not been vacuumed; it compares before it commits.
+
+Each feature ref joins on its own entity: ``join_keys`` maps the feature table's key columns to the
+label columns that hold them (default: the same names), so one label row can carry several entities
+(a flight's origin airport and its carrier). The labels' ``entity_keys`` are the rows' identity.
 """
 
 from __future__ import annotations
@@ -16,12 +21,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from lakeray.errors import ConfigError, TableNotFoundError
+from lakeray.errors import ConfigError, DataQualityError, TableNotFoundError
 
 if TYPE_CHECKING:
-    from pyspark.sql import SparkSession
+    from collections.abc import Callable
+
+    from pyspark.sql import DataFrame, SparkSession
 
     from lakeray.config import Settings
 
@@ -36,9 +43,21 @@ class FeatureRef(BaseModel):
     columns: list[str] = Field(min_length=1, description="Feature columns to take from it.")
     max_age_s: float | None = Field(None, gt=0, description="Ignore feature rows older than this.")
     version: int | None = Field(None, ge=0, description="Pinned table version (default: latest at build).")
-    entity_keys: list[str] | None = Field(None, description="Key columns (default: the job's declaration, "
-                                          "else the labels' keys).")
+    entity_keys: list[str] | None = Field(None, description="The feature table's key columns (default: the "
+                                          "keys of join_keys, else the job's declaration, else the labels' keys).")
+    join_keys: dict[str, str] | None = Field(None, description="Feature-table key column → the label column "
+                                             "holding it, e.g. {carrier: op_carrier} (default: the same names).")
     event_time: str | None = Field(None, description="Event-time column (default: declaration, else labels').")
+
+    @model_validator(mode="after")
+    def _keys_agree(self) -> FeatureRef:
+        if self.join_keys is not None:
+            if not self.join_keys:
+                raise ValueError("join_keys is empty: map each key column of the feature table to a label column")
+            if self.entity_keys is not None and set(self.join_keys) != set(self.entity_keys):
+                raise ValueError(f"join_keys maps {sorted(self.join_keys)} but entity_keys are "
+                                 f"{sorted(self.entity_keys)}: map exactly the entity keys")
+        return self
 
 
 class TrainingSetSpec(BaseModel):
@@ -47,7 +66,8 @@ class TrainingSetSpec(BaseModel):
     name: str = Field(description="Output Delta table for the training set.")
     labels: str = Field(description="Labels/events table: entity keys + event time + label(s).")
     labels_version: int | None = Field(None, ge=0)
-    entity_keys: list[str] = Field(min_length=1)
+    entity_keys: list[str] = Field(min_length=1, description="The label rows' identity (and the default "
+                                   "join keys of feature refs that declare none).")
     event_time: str
     features: list[FeatureRef] = Field(min_length=1)
 
@@ -88,16 +108,23 @@ def _pin(spark: SparkSession, settings: Settings, table: str, version: int | Non
 
 
 def _resolved(spark: SparkSession, settings: Settings, spec: TrainingSetSpec) -> TrainingSetSpec:
-    """The spec with every version pinned and every key/time column filled in."""
+    """The spec with every version pinned and every key/time column and join key filled in."""
     from lakeray.features.runner import discover_jobs
 
     declared = discover_jobs(settings)
     refs = []
     for ref in spec.features:
         job = declared.get(ref.table)
+        keys = ref.entity_keys or (list(ref.join_keys) if ref.join_keys else None) \
+            or (job.entity_keys if job and job.entity_keys else spec.entity_keys)
+        join_keys = {k: (ref.join_keys or {}).get(k, k) for k in keys}
+        if ref.join_keys is not None and set(ref.join_keys) != set(keys):
+            raise ConfigError(f"feature ref {ref.table!r}: join_keys maps {sorted(ref.join_keys)} but the table's "
+                              f"keys are {keys}", "map exactly the feature table's key columns to label columns")
         refs.append(ref.model_copy(update={
             "version": _pin(spark, settings, ref.table, ref.version),
-            "entity_keys": ref.entity_keys or (job.entity_keys if job and job.entity_keys else spec.entity_keys),
+            "entity_keys": list(keys),
+            "join_keys": join_keys,
             "event_time": ref.event_time or (job.event_time if job and job.event_time else spec.event_time),
         }))
     return spec.model_copy(update={"labels_version": _pin(spark, settings, spec.labels, spec.labels_version),
@@ -122,39 +149,67 @@ def _join_partitions(spark: SparkSession, settings: Settings, pinned: TrainingSe
     return max(floor, -(-sum(counts) // ROWS_PER_PARTITION))
 
 
-def build_training_set(spark: SparkSession, settings: Settings, spec: TrainingSetSpec) -> TrainingSetResult:
-    """Pin, join, write one commit, write the manifest. Bad specs fail before anything is written."""
-    from lakeray.lakehouse.delta import read_table, table_rows, write_table
-    from lakeray.lakehouse.pit import FeatureSource, content_hash, observed_content_hash, point_in_time_join
+def _joined(spark: SparkSession, settings: Settings, pinned: TrainingSetSpec, hash_version: int,
+            max_partition_rows: int | None) -> DataFrame:
+    """The point-in-time join of a pinned spec, as a DataFrame (nothing computed yet)."""
+    from lakeray.lakehouse.delta import read_table
+    from lakeray.lakehouse.pit import MAX_PARTITION_ROWS, FeatureSource, point_in_time_join
 
-    started = time.perf_counter()
-    pinned = _resolved(spark, settings, spec)
     labels = read_table(spark, settings.table_path(pinned.labels), pinned.labels_version)
     sources = [FeatureSource(ref.table, read_table(spark, settings.table_path(ref.table), ref.version),
-                             tuple(ref.entity_keys), ref.event_time, tuple(ref.columns), ref.max_age_s)
+                             tuple(ref.entity_keys), ref.event_time, tuple(ref.columns), ref.max_age_s,
+                             tuple(ref.join_keys[k] for k in ref.entity_keys))
                for ref in pinned.features]
-    joined = point_in_time_join(labels, pinned.entity_keys, pinned.event_time, sources,
-                                partitions=_join_partitions(spark, settings, pinned))
-    # The content hash is aggregated during the write itself (one pass over the join, no cache).
-    observed, observed_digest = observed_content_hash(joined)
+    return point_in_time_join(labels, pinned.entity_keys, pinned.event_time, sources,
+                              partitions=_join_partitions(spark, settings, pinned), hash_version=hash_version,
+                              max_partition_rows=max_partition_rows or MAX_PARTITION_ROWS)
+
+
+def _spark_action(action: Callable[[], Any]) -> Any:
+    """Run a Spark action; a refusal raised inside a join worker comes back as that LakerayError."""
+    from lakeray.lakehouse.pit import worker_error
+
+    try:
+        return action()
+    except Exception as exc:
+        meant = worker_error(exc)
+        if meant is not None:
+            raise meant from None
+        raise
+
+
+def _commit(spark: SparkSession, settings: Settings, pinned: TrainingSetSpec, joined: DataFrame,
+            hash_version: int, started: float, digest: str | None = None,
+            extra: dict[str, Any] | None = None) -> TrainingSetResult:
+    """Write ``joined`` as one commit of ``pinned.name`` and its manifest. The content hash is
+    ``digest`` when the caller already has it, else observed during the write itself (one pass)."""
+    from lakeray.lakehouse.delta import read_table, table_rows, write_table
+    from lakeray.lakehouse.pit import content_hash, observed_content_hash
+
+    observed_digest = None
+    if digest is None:
+        joined, observed_digest = observed_content_hash(joined, hash_version)
     inputs = {pinned.labels: pinned.labels_version, **{r.table: r.version for r in pinned.features}}
     meta = {"training_set": pinned.name, "inputs": inputs, "build_id": uuid.uuid4().hex}
     path = settings.table_path(pinned.name)
-    version = write_table(observed, path, user_metadata=json.dumps(meta))
-    digest = observed_digest()
-    committed = table_rows(path, version)
-    if digest is None or (committed is not None and int(digest.split("-", 1)[0]) != committed):
-        # A retried task can add its rows to the observed sums twice: hash what was committed instead.
-        digest = content_hash(read_table(spark, path, version))
+    version = _spark_action(lambda: write_table(joined, path, user_metadata=json.dumps(meta)))
+    if observed_digest is not None:
+        digest = observed_digest()
+        committed = table_rows(path, version)
+        if digest is None or (committed is not None and int(digest.split("-", 1)[0]) != committed):
+            # A retried task can add its rows to the observed sums twice: hash what was committed instead.
+            digest = content_hash(read_table(spark, path, version), hash_version)
     rows = int(digest.split("-", 1)[0])
     manifest = {
         "training_set": pinned.name,
         "version": version,
         "rows": rows,
         "content_hash": digest,
+        "hash_version": hash_version,
         "inputs": inputs,
         "spec": pinned.model_dump(mode="json"),
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **(extra or {}),
     }
     folder = manifest_dir(settings, pinned.name)
     folder.mkdir(parents=True, exist_ok=True)
@@ -163,6 +218,18 @@ def build_training_set(spark: SparkSession, settings: Settings, spec: TrainingSe
     tmp.write_text(json.dumps(manifest, indent=2) + "\n")
     os.replace(tmp, target)  # a reader never sees half a manifest
     return TrainingSetResult(pinned.name, version, rows, digest, inputs, str(target), time.perf_counter() - started)
+
+
+def build_training_set(spark: SparkSession, settings: Settings, spec: TrainingSetSpec,
+                       max_partition_rows: int | None = None) -> TrainingSetResult:
+    """Pin, join, write one commit, write the manifest. Bad specs fail before anything is written, and
+    a failed build leaves no trace of a table that did not exist before."""
+    from lakeray.lakehouse.pit import HASH_VERSION
+
+    started = time.perf_counter()
+    pinned = _resolved(spark, settings, spec)
+    joined = _joined(spark, settings, pinned, HASH_VERSION, max_partition_rows)
+    return _commit(spark, settings, pinned, joined, HASH_VERSION, started)
 
 
 def load_manifest(settings: Settings, name: str, version: int | None = None) -> dict[str, Any]:
@@ -177,10 +244,53 @@ def load_manifest(settings: Settings, name: str, version: int | None = None) -> 
     return json.loads(found[-1].read_text())
 
 
+def _manifest_spec(manifest: dict[str, Any]) -> tuple[TrainingSetSpec, int]:
+    """The pinned spec of a manifest and its row-hash scheme. Manifests from before per-table join
+    keys (no ``hash_version``: scheme 1) matched each feature table's keys to the labels' keys by
+    position, and hashed with nulls skipped: both are replayed as they were."""
+    hash_version = int(manifest.get("hash_version", 1))
+    spec = TrainingSetSpec.parse(manifest["spec"], "manifest")
+    if hash_version == 1:
+        spec = spec.model_copy(update={"features": [
+            ref if ref.join_keys else ref.model_copy(update={
+                "join_keys": dict(zip(ref.entity_keys or spec.entity_keys, spec.entity_keys, strict=True))})
+            for ref in spec.features]})
+    return spec, hash_version
+
+
 def rebuild_training_set(spark: SparkSession, settings: Settings, manifest: dict[str, Any],
                          name: str | None = None) -> TrainingSetResult:
-    """Replay a manifest (every version pinned) into ``name`` (default: the same table, a new version)."""
-    spec = TrainingSetSpec.parse(manifest["spec"], "manifest")
-    if name:
-        spec = spec.model_copy(update={"name": name})
-    return build_training_set(spark, settings, spec)
+    """Replay a manifest (every version pinned) and check the rows are the same, bit for bit.
+
+    The content hash is compared *before* anything is committed: identical rows become a new version
+    of the training set (or of ``name``); different rows raise DataQualityError and the training set
+    is left as it was. With ``name`` the rebuilt rows are written there either way, so they can be
+    compared with the original (the error then says where they are).
+    """
+    from pyspark import StorageLevel
+
+    from lakeray.lakehouse.pit import content_hash
+
+    started = time.perf_counter()
+    spec, hash_version = _manifest_spec(manifest)
+    original = f"{spec.name}@{manifest['version']}"
+    pinned = _resolved(spark, settings, spec.model_copy(update={"name": name or spec.name}))
+    # Hash first, then commit from the same cached rows: the join runs once.
+    joined = _joined(spark, settings, pinned, hash_version, None).persist(StorageLevel.MEMORY_AND_DISK)
+    try:
+        digest = _spark_action(lambda: content_hash(joined, hash_version))
+        identical = digest == manifest["content_hash"]
+        written = None
+        if identical or name:
+            written = _commit(spark, settings, pinned, joined, hash_version, started, digest,
+                              extra={"rebuild_of": {"training_set": spec.name, "version": manifest["version"],
+                                                    "identical": identical}})
+    finally:
+        joined.unpersist()
+    if not identical:
+        where = (f"; the rebuilt rows are in {written.table}@{written.version} to compare" if written else
+                 f"; nothing was written, {spec.name} is unchanged")
+        raise DataQualityError(f"rebuild of {original} differs: {digest} vs {manifest['content_hash']}{where}",
+                               "an input version was vacuumed or rewritten: check `lakeray features history` "
+                               "of the inputs " + ", ".join(f"{t}@{v}" for t, v in manifest["inputs"].items()))
+    return written

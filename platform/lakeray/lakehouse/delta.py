@@ -54,8 +54,38 @@ def write_table(
         writer = writer.partitionBy(*partition_by)
     for key, value in (properties or {}).items():
         writer = writer.option(key, value)
-    writer.save(path)
-    return _own_version(df.sparkSession, path, user_metadata)
+    spark = df.sparkSession
+    fresh = not _path_exists(spark, path)
+    try:
+        writer.save(path)
+    except BaseException:
+        if fresh:
+            _remove_uncommitted(spark, path)
+        raise
+    return _own_version(spark, path, user_metadata)
+
+
+def _hadoop_path(spark: SparkSession, path: str):
+    """(FileSystem, Path) for ``path`` through Spark's Hadoop configuration: local folders and object
+    stores alike."""
+    jvm_path = spark._jvm.org.apache.hadoop.fs.Path(path)
+    return jvm_path.getFileSystem(spark._jsc.hadoopConfiguration()), jvm_path
+
+
+def _path_exists(spark: SparkSession, path: str) -> bool:
+    fs, jvm_path = _hadoop_path(spark, path)
+    return bool(fs.exists(jvm_path))
+
+
+def _remove_uncommitted(spark: SparkSession, path: str) -> None:
+    """Remove what a failed first write left at ``path`` (an empty ``_delta_log``, orphan data files),
+    unless some writer committed a version there meanwhile. Without this, every later reader of the
+    name fails on the empty log ("No files in log segment") instead of "no such table"."""
+    fs, jvm_path = _hadoop_path(spark, path)
+    log = spark._jvm.org.apache.hadoop.fs.Path(jvm_path, "_delta_log")
+    if fs.exists(log) and any(str(s.getPath().getName()).endswith(".json") for s in fs.listStatus(log)):
+        return
+    fs.delete(jvm_path, True)
 
 
 def _own_version(spark: SparkSession, path: str, user_metadata: str | None) -> int:

@@ -1,0 +1,188 @@
+"""Training sets whose label rows carry several entities, and the review defects of the join: keys
+matched by name (never by position), refusals before anything is written, null-aware hashes,
+rebuilds that compare before they commit, one very frequent key."""
+
+import datetime as dt
+import json
+import os
+
+import pytest
+
+from lakeray.errors import DataQualityError, TableNotFoundError
+from lakeray.features.training_sets import TrainingSetSpec, build_training_set, load_manifest, rebuild_training_set
+from lakeray.lakehouse.delta import read_table, table_exists, table_version, write_table
+from lakeray.lakehouse.pit import content_hash
+
+pytestmark = pytest.mark.spark
+
+T0 = dt.datetime(2026, 3, 1)
+
+
+def at(hours: float) -> dt.datetime:
+    return T0 + dt.timedelta(hours=hours)
+
+
+@pytest.fixture(scope="module")
+def flights(spark, settings):
+    """Flights keyed by id, each with an origin airport and a carrier; weather per airport; delays per carrier."""
+    write_table(spark.createDataFrame(
+        [(1, "JFK", "AA", at(10), 0), (2, "JFK", "DL", at(13.5), 1), (3, "LAX", "AA", at(10), 0),
+         (4, "SFO", "DL", at(200), 1)],
+        "flight_id int, origin string, carrier string, dep_time timestamp, delayed int"),
+        settings.table_path("ent_flights"))
+    write_table(spark.createDataFrame(
+        [("JFK", at(9), 20.0), ("JFK", at(10.5), 21.0), ("LAX", at(5), 30.0), ("SFO", at(199), 15.0)],
+        "airport string, obs_time timestamp, temp double"), settings.table_path("ent_weather"))
+    write_table(spark.createDataFrame(
+        [("AA", at(0), 0.1), ("DL", at(0), 0.3), ("DL", at(12), 0.4)],
+        "carrier string, day timestamp, delay_avg double"), settings.table_path("ent_carrier"))
+    return settings
+
+
+def flight_spec(name, **weather):
+    return TrainingSetSpec.parse({
+        "name": name, "labels": "ent_flights", "entity_keys": ["flight_id"], "event_time": "dep_time",
+        "features": [
+            {"table": "ent_weather", "columns": ["temp"], "event_time": "obs_time", "max_age_s": 3 * 3600,
+             "join_keys": {"airport": "origin"}, **weather},
+            {"table": "ent_carrier", "columns": ["delay_avg"], "event_time": "day", "max_age_s": 7 * 86400,
+             "entity_keys": ["carrier"]},
+        ]})
+
+
+def by_id(spark, settings, name):
+    return {r.flight_id: (r["temp"] if "temp" in r else None, r.delay_avg)
+            for r in read_table(spark, settings.table_path(name)).collect()}
+
+
+def test_each_feature_table_joins_on_its_own_entity(spark, flights):
+    built = build_training_set(spark, flights, flight_spec("ent_ts"))
+    assert by_id(spark, flights, "ent_ts") == {
+        1: (20.0, 0.1),    # JFK weather at 9h (the 10.5h row is after departure); AA's delays
+        2: (21.0, 0.4),    # JFK at 10.5h is 3 h old: within the max age; DL's newest row
+        3: (None, 0.1),    # LAX's only row is 5 h old: older than 3 h
+        4: (15.0, None),   # DL's rows are > 7 days old at 200 h
+    }
+    manifest = load_manifest(flights, "ent_ts", built.version)
+    refs = manifest["spec"]["features"]
+    assert refs[0]["join_keys"] == {"airport": "origin"} and refs[1]["join_keys"] == {"carrier": "carrier"}
+    assert manifest["hash_version"] == 2
+
+
+def test_a_feature_table_keyed_by_another_entity_is_never_matched_by_position(spark, flights):
+    """Before per-table join keys, `entity_keys: [carrier]` was compared with the labels' first key
+    (flight_id here) by position: 100% null features, no error."""
+    spec = TrainingSetSpec.parse({
+        "name": "ent_positional", "labels": "ent_flights", "entity_keys": ["origin"], "event_time": "dep_time",
+        "features": [{"table": "ent_carrier", "columns": ["delay_avg"], "event_time": "day",
+                      "entity_keys": ["carrier"]}]})
+    build_training_set(spark, flights, spec)
+    assert by_id(spark, flights, "ent_positional") == {1: (None, 0.1), 2: (None, 0.4), 3: (None, 0.1),
+                                                       4: (None, 0.4)}
+
+
+@pytest.mark.parametrize(("weather", "message"), [
+    ({"join_keys": {"airport": "airport"}}, "joins on label column(s) ['airport'], which the labels"),
+    ({"join_keys": {"airport": "flight_id"}},
+     "key 'airport' is string but the label column 'flight_id' it joins on is int"),
+])
+def test_joins_that_can_never_match_are_refused_before_anything_is_written(spark, flights, weather, message):
+    with pytest.raises(DataQualityError) as err:
+        build_training_set(spark, flights, flight_spec("ent_refused", **weather))
+    assert message in err.value.headline and "ent_weather" in err.value.headline
+    assert not os.path.exists(flights.table_path("ent_refused"))
+
+
+def test_a_build_that_fails_while_writing_leaves_no_trace(spark, flights):
+    """An event time that cannot be cast fails inside the Spark job, after Delta made the folder: the
+    folder must go, so the name reads as missing, not as a broken table."""
+    write_table(spark.createDataFrame([("JFK", "not a time", 1.0)], "airport string, obs_time string, temp double"),
+                flights.table_path("ent_bad_time"))
+    spec = TrainingSetSpec.parse({
+        "name": "ent_failed", "labels": "ent_flights", "entity_keys": ["flight_id"], "event_time": "dep_time",
+        "features": [{"table": "ent_bad_time", "columns": ["temp"], "event_time": "obs_time",
+                      "join_keys": {"airport": "origin"}}]})
+    with pytest.raises(Exception, match="(?i)cast"):
+        build_training_set(spark, flights, spec)
+    assert not os.path.exists(flights.table_path("ent_failed"))
+    with pytest.raises(TableNotFoundError):
+        read_table(spark, flights.table_path("ent_failed"))
+    # The name is free: the corrected spec builds into it.
+    assert build_training_set(spark, flights, flight_spec("ent_failed")).version == 0
+
+
+def test_content_hash_tells_where_the_nulls_are(spark):
+    left = spark.createDataFrame([("x", None)], "a string, b string")
+    right = spark.createDataFrame([(None, "x")], "a string, b string")
+    assert content_hash(left, hash_version=1) == content_hash(right, hash_version=1)  # the old defect
+    assert content_hash(left) != content_hash(right)
+    assert content_hash(left) == content_hash(spark.createDataFrame([("x", None)], "a string, b string"))
+
+
+def test_ties_between_rows_that_differ_only_in_null_positions_are_broken_by_content(spark, settings):
+    """Two feature rows at the same key and time, (x, NULL) and (NULL, x): the old tie hash skipped
+    nulls, so both hashed alike and the winner depended on arrival order."""
+    write_table(spark.createDataFrame([(1, at(1))], "k long, t timestamp"), settings.table_path("tie_labels"))
+    spec = TrainingSetSpec.parse({"name": "tie_ts", "labels": "tie_labels", "entity_keys": ["k"], "event_time": "t",
+                                  "features": [{"table": "tie_feats", "columns": ["a", "b"]}]})
+    winners = set()
+    for rows in ([(1, at(0), "x", None), (1, at(0), None, "x")], [(1, at(0), None, "x"), (1, at(0), "x", None)]):
+        write_table(spark.createDataFrame(rows, "k long, t timestamp, a string, b string").coalesce(1),
+                    settings.table_path("tie_feats"))
+        build_training_set(spark, settings, spec)
+        row = read_table(spark, settings.table_path("tie_ts")).first()
+        winners.add((row.a, row.b))
+    assert len(winners) == 1
+
+
+def test_rebuild_compares_before_it_commits(spark, flights):
+    built = build_training_set(spark, flights, flight_spec("ent_rebuild"))
+    manifest = load_manifest(flights, "ent_rebuild", built.version)
+    same = rebuild_training_set(spark, flights, manifest)
+    assert same.content_hash == built.content_hash and same.version == built.version + 1
+
+    tampered = {**manifest, "content_hash": "4-" + "0" * 64}  # as if an input had been rewritten
+    with pytest.raises(DataQualityError, match="nothing was written"):
+        rebuild_training_set(spark, flights, tampered)
+    assert table_version(spark, flights.table_path("ent_rebuild")) == same.version  # the latest is untouched
+
+    with pytest.raises(DataQualityError, match=r"rebuilt rows are in ent_rebuild_check@0"):
+        rebuild_training_set(spark, flights, tampered, name="ent_rebuild_check")
+    assert content_hash(read_table(spark, flights.table_path("ent_rebuild_check"))) == built.content_hash
+
+
+def test_manifests_from_before_join_keys_still_rebuild(spark, settings):
+    """Old manifests: feature keys matched to the labels' keys by position, and hashes skipped nulls."""
+    write_table(spark.createDataFrame([(1, at(5), 1), (2, at(5), 0)], "user_id long, t timestamp, y int"),
+                settings.table_path("old_labels"))
+    write_table(spark.createDataFrame([(1, at(1), None), (2, at(2), 3.0)], "user long, t timestamp, score double"),
+                settings.table_path("old_feats"))
+    built = build_training_set(spark, settings, TrainingSetSpec.parse({
+        "name": "old_ts", "labels": "old_labels", "entity_keys": ["user_id"], "event_time": "t",
+        "features": [{"table": "old_feats", "columns": ["score"], "join_keys": {"user": "user_id"}}]}))
+    manifest = load_manifest(settings, "old_ts", built.version)
+    # The same manifest as the code before 2026-11-28 wrote it.
+    old = json.loads(json.dumps(manifest))
+    del old["hash_version"]
+    for ref in old["spec"]["features"]:
+        del ref["join_keys"]
+    old["content_hash"] = content_hash(read_table(spark, settings.table_path("old_ts")), hash_version=1)
+    rebuilt = rebuild_training_set(spark, settings, old, name="old_ts_rebuilt")
+    assert rebuilt.content_hash == old["content_hash"]
+    assert sorted(map(tuple, read_table(spark, settings.table_path("old_ts_rebuilt")).select("user_id", "score")
+                      .collect())) == [(1, None), (2, 3.0)]
+
+
+def test_one_very_frequent_key_is_refused_with_its_name_and_count(spark, settings):
+    labels = spark.range(300).selectExpr("id", "if(id < 200, 'unknown', cast(id as string)) as device",
+                                         "timestamp '2026-03-01 10:00:00' as t")
+    write_table(labels, settings.table_path("hot_labels"))
+    write_table(spark.range(50).selectExpr("'unknown' as device", "timestamp '2026-03-01 09:00:00' as t",
+                                           "cast(id as double) as v"), settings.table_path("hot_feats"))
+    spec = TrainingSetSpec.parse({"name": "hot_ts", "labels": "hot_labels", "entity_keys": ["device"],
+                                  "event_time": "t", "features": [{"table": "hot_feats", "columns": ["v"]}]})
+    with pytest.raises(DataQualityError) as err:
+        build_training_set(spark, settings, spec, max_partition_rows=100)
+    assert "device='unknown'" in err.value.headline and "rows" in err.value.headline
+    assert not table_exists(spark, settings.table_path("hot_ts"))
+    assert build_training_set(spark, settings, spec, max_partition_rows=1000).rows == 300
