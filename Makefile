@@ -6,14 +6,16 @@ PY := $(VENV)/bin/python
 UV := $(VENV)/bin/uv
 UV_VERSION := 0.13.9
 STAMP := $(VENV)/.lakeray-installed
-JARS_STAMP := .cache/delta-jars/RESOLVED
 # Spark picks a LAN address and warns when the hostname resolves to loopback; everything here is local.
 export SPARK_LOCAL_IP ?= 127.0.0.1
 export PYTHONUNBUFFERED := 1
 
 .PHONY: setup demo test test-quick bench lint lock clean
 
-setup: $(STAMP) $(JARS_STAMP)
+# `lakeray setup` runs every time: a ~0.3 s no-op once the jars are in the per-user cache
+# (~/.cache/lakeray/jars, or $LAKERAY_CACHE/jars), which lives outside the project so make cannot stamp it.
+setup: $(STAMP)
+	$(VENV)/bin/lakeray setup
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,10 +27,6 @@ $(STAMP): $(VENV)/bin/python requirements.lock pyproject.toml
 	$(UV) pip install -q -r requirements.lock --python $(PY)
 	$(UV) pip install -q --python $(PY) -e . --no-deps
 	touch $(STAMP)
-
-# The Delta jars, cached inside the project so no Spark session ever resolves them at start-up.
-$(JARS_STAMP): $(STAMP)
-	$(VENV)/bin/lakeray setup
 
 demo: setup
 	$(VENV)/bin/lakeray demo
@@ -59,5 +57,7 @@ clean:
 	rm -rf lakehouse .pytest_cache build spark-warehouse metastore_db derby.log
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
 
+# Not the per-user jar cache, which every project shares: clear that with
+# `rm -rf ~/.cache/lakeray/jars` (or $LAKERAY_CACHE/jars); the next `make setup` downloads them again.
 distclean: clean
 	rm -rf $(VENV) .cache

@@ -40,7 +40,7 @@ __all__ = [
 CONFIG_FILE_NAME = "lakeray.yaml"
 _ENV_PREFIX = "LAKERAY_"
 # Environment variables that steer loading itself rather than override a profile field.
-_RESERVED_ENV = {"LAKERAY_PROFILE", "LAKERAY_CONFIG", "LAKERAY_DEBUG"}
+_RESERVED_ENV = {"LAKERAY_PROFILE", "LAKERAY_CONFIG", "LAKERAY_DEBUG", "LAKERAY_CACHE"}
 
 
 class _Model(BaseModel):
@@ -52,9 +52,10 @@ class SparkConfig(_Model):
     app_name: str = Field("lakeray", description="Spark application name shown in the Spark UI.")
     driver_memory: str = Field("4g", description="spark.driver.memory (local mode holds everything).")
     shuffle_partitions: int = Field(8, ge=1, description="spark.sql.shuffle.partitions; small for laptops.")
-    jars_dir: str = Field(
-        ".cache/delta-jars",
-        description="Folder with the Delta jars resolved by `make setup`; relative to the project.",
+    jars_dir: str | None = Field(
+        None,
+        description="Folder with the Delta jars resolved by `lakeray setup`, relative to the project; empty: "
+        "the per-user cache ~/.cache/lakeray/jars/<coordinate> (or $LAKERAY_CACHE/jars/…), shared by projects.",
     )
     ui: bool = Field(False, description="Start the Spark UI (port 4040).")
     conf: dict[str, str] = Field(default_factory=dict, description="Extra Spark conf, applied last.")
@@ -191,10 +192,6 @@ class Settings:
                 "use letters, digits and underscores, starting with a letter",
             )
         return f"{self.storage_root.rstrip('/')}/tables/{table_name}"
-
-    @property
-    def jars_dir(self) -> Path:
-        return Path(self.resolve(self.profile.spark.jars_dir))
 
     @property
     def mlflow_tracking_uri(self) -> str:

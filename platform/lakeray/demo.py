@@ -17,10 +17,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from lakeray.config import Settings
     from lakeray.features.training_sets import TrainingSetResult
 
-__all__ = ["DemoResult", "run_demo", "build_demo_training_set", "STAGES", "FEATURE_JOB", "LABEL", "ID_COLUMN"]
+__all__ = ["DemoResult", "run_demo", "build_demo_training_set", "write_labels", "example_project", "STAGES",
+           "FEATURE_JOB", "LABEL", "ID_COLUMN"]
 
 STAGES = ["spark", "data", "features", "training_set", "ray", "train", "serve", "predict"]
 FEATURE_JOB = "customer_aggregates"
@@ -58,6 +61,7 @@ class DemoResult:
     run_id: str | None = None
     endpoint: str | None = None
     predictions: list[dict[str, Any]] = field(default_factory=list)
+    feature_job_source: str | None = None  # the file of the feature job that ran
     stage_seconds: dict[str, float] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
@@ -66,7 +70,7 @@ class DemoResult:
         return asdict(self)
 
 
-Progress = Callable[[str, str], None]  # (stage, event) where event is "start" or "done"
+Progress = Callable[[str, str], None]  # (stage, event): event is "start", "done", or a one-line note to show
 
 
 @contextmanager
@@ -109,11 +113,9 @@ def build_demo_training_set(spark: Any, settings: Settings, source_version: int,
     pinned to the versions given. Returns the build result and the feature column names.
     """
     from lakeray.features.training_sets import TrainingSetSpec, build_training_set
-    from lakeray.lakehouse.delta import read_table, write_table
+    from lakeray.lakehouse.delta import read_table
 
-    labels = read_table(spark, settings.table_path(SOURCE_TABLE), source_version)
-    labels_version = write_table(labels.select(ID_COLUMN, ENTITY_KEY, EVENT_TIME, LABEL),
-                                 settings.table_path(LABELS_TABLE))
+    labels_version = write_labels(spark, settings, SOURCE_TABLE, source_version)
     feature_columns = [c for c in read_table(spark, settings.table_path(FEATURE_JOB), feature_version).columns
                        if c not in (ID_COLUMN, ENTITY_KEY, EVENT_TIME)]
     built = build_training_set(spark, settings, TrainingSetSpec(
@@ -121,6 +123,47 @@ def build_demo_training_set(spark: Any, settings: Settings, source_version: int,
         event_time=EVENT_TIME,
         features=[{"table": FEATURE_JOB, "version": feature_version, "columns": feature_columns}]))
     return built, feature_columns
+
+
+def write_labels(spark: Any, settings: Settings, source_table: str, source_version: int,
+                 labels_table: str = LABELS_TABLE) -> int:
+    """Split the labels (id, customer, time, label) off ``source_table@source_version`` into
+    ``labels_table``; one overwrite commit, returns its version. Labels live apart from features."""
+    from lakeray.lakehouse.delta import read_table, write_table
+
+    labels = read_table(spark, settings.table_path(source_table), source_version)
+    return write_table(labels.select(ID_COLUMN, ENTITY_KEY, EVENT_TIME, LABEL), settings.table_path(labels_table))
+
+
+def example_project() -> Path:
+    """The example project that ships inside the package (``lakeray init`` copies it)."""
+    from pathlib import Path
+
+    return Path(__file__).resolve().parent / "examples" / "project"
+
+
+def _with_feature_job(settings: Settings) -> tuple[Settings, str, str | None]:
+    """Settings whose ``feature_paths`` declare the demo's job, that job's file, and a note when it is not
+    the project's own. The profile's existing folders come first; when none of them declares the job
+    (an empty folder, built-in defaults), the example shipped in the package runs instead. Missing folders
+    are skipped here only: a real ``features run`` still refuses them."""
+    from dataclasses import replace
+    from pathlib import Path
+
+    from lakeray.features.runner import discover_jobs
+
+    present = [f for f in settings.profile.feature_paths if Path(settings.resolve(f)).is_dir()]
+    if present:
+        own = replace(settings, profile=settings.profile.model_copy(update={"feature_paths": present}))
+        job = discover_jobs(own).get(FEATURE_JOB)
+        if job is not None:
+            return own, job.source or "", None
+    folder = example_project() / "jobs" / "features"
+    packaged = replace(settings, profile=settings.profile.model_copy(update={"feature_paths": [str(folder)]}))
+    source = discover_jobs(packaged)[FEATURE_JOB].source or ""
+    note = (f"no feature job {FEATURE_JOB} under feature_paths ({', '.join(settings.profile.feature_paths)}): "
+            f"running the example shipped with lakeray ({source})")
+    return packaged, source, note
 
 
 def run_demo(settings: Settings, rows: int = 200_000, seed: int = 42, predictions: int = 6,
@@ -139,6 +182,9 @@ def run_demo(settings: Settings, rows: int = 200_000, seed: int = 42, prediction
 
     progress = progress or (lambda stage, event: None)
     result = DemoResult(rows=rows)
+    settings, result.feature_job_source, note = _with_feature_job(settings)
+    if note:
+        progress("features", note)
     spark = ray_handle = None
     try:
         with _stage(result, "spark", progress):

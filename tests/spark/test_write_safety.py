@@ -25,6 +25,7 @@ import yaml
 from lakeray.features.runner import read_ledger, run_feature_job
 from lakeray.lakehouse.delta import read_arrow, table_files, table_history, table_version, write_table
 from lakeray.lakehouse.pit import content_hash
+from lakeray.lakehouse.spark import delta_jars_dir
 
 pytestmark = pytest.mark.spark
 
@@ -115,7 +116,7 @@ def test_run_killed_mid_write_leaves_previous_version_and_next_run_commits(spark
     config = tmp_path / "lakeray.yaml"
     config.write_text(yaml.safe_dump({"default_profile": "local", "profiles": {"local": {
         "spark": {"master": "local[2]", "driver_memory": "1g", "shuffle_partitions": 2,
-                  "jars_dir": str(settings.jars_dir), "conf": {"spark.sql.files.maxRecordsPerFile": "1"}},
+                  "jars_dir": str(delta_jars_dir(settings)), "conf": {"spark.sql.files.maxRecordsPerFile": "1"}},
         "storage": {"root": settings.storage_root},
         "feature_paths": [str(folder)]}}}))
     env = {k: v for k, v in os.environ.items() if not k.startswith("LAKERAY_")}

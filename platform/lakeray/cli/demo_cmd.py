@@ -41,9 +41,13 @@ def demo(ctx: click.Context, rows: int, seed: int, as_json: bool, keep_serving: 
     def progress(stage: str, event: str) -> None:
         if event == "start":
             status.update(f"[{len(done) + 1}/{len(STAGES)}] {_LABELS[stage]} …")
-        else:
+        elif event == "done":
             done.append(stage)
             console.print(f"[green]✓[/] {_LABELS[stage]}")
+        else:  # a note about the stage
+            from rich.markup import escape
+
+            console.print(f"[yellow]![/] {escape(event)}", highlight=False)
 
     def report(result) -> None:
         if as_json:

@@ -21,6 +21,7 @@ __all__ = ["cli", "main"]
 _COMMANDS = {
     "demo": ("lakeray.cli.demo_cmd", "demo", "Run the whole path: data → features → train → serve → predict."),
     "setup": ("lakeray.cli.setup_cmd", "setup", "Check Java and cache the Delta jars (once, needs Maven)."),
+    "init": ("lakeray.cli.init_cmd", "init", "Create a project: lakeray.yaml, an example feature job, a spec."),
     "config": ("lakeray.cli.config_cmd", "config", "Show and validate the resolved configuration."),
     "data": ("lakeray.cli.data_cmd", "data", "Generate the example transactions table."),
     "features": ("lakeray.cli.features_cmd", "features", "List and run feature jobs."),

@@ -1,15 +1,22 @@
+from pathlib import Path
+
 import click
 
 from lakeray.cli.main import settings_from
+
+# Where lakeray kept the jars before they were cached per user: reused when the user cache is empty, so an
+# older checkout's `make setup` stays offline.
+_LEGACY_PROJECT_JARS = ".cache/delta-jars"
 
 
 @click.command()
 @click.pass_context
 def setup(ctx: click.Context) -> None:
-    """Check Java and cache the Delta jars inside the project (idempotent)."""
-    from lakeray.lakehouse.spark import check_java, resolve_delta_jars
+    """Check Java and cache the Delta jars once per user (idempotent; a no-op when cached)."""
+    from lakeray.lakehouse.spark import check_java, delta_jars_dir, resolve_delta_jars
 
     settings = settings_from(ctx)
     java = check_java()
-    jars = resolve_delta_jars(settings.jars_dir)
-    click.echo(f"java: {java}\ndelta jars: {len(jars)} in {settings.jars_dir}")
+    jars_dir = delta_jars_dir(settings)
+    jars = resolve_delta_jars(jars_dir, seeds=(Path(settings.resolve(_LEGACY_PROJECT_JARS)),))
+    click.echo(f"java: {java}\ndelta jars: {len(jars)} in {jars_dir}")

@@ -1,15 +1,17 @@
-"""The one Spark session factory, with Delta Lake enabled from jars cached inside the project.
+"""The one Spark session factory, with Delta Lake enabled from jars cached once per user.
 
-The Delta jars are Maven artifacts, not part of the pip package. ``make setup`` calls
-:func:`resolve_delta_jars` once (through Spark's own Ivy), which copies them into
-``spark.jars_dir``; every session after that starts with ``spark.jars`` pointing there and never
-resolves anything at start-up, so it works offline.
+The Delta jars are Maven artifacts, not part of the pip package. ``lakeray setup`` (``make setup``)
+calls :func:`resolve_delta_jars` once (through Spark's own Ivy), which puts them in the per-user cache
+``$LAKERAY_CACHE/jars/<coordinate>`` (default ``~/.cache/lakeray``), shared by every project, or in
+``spark.jars_dir`` when a profile names one; every session after that starts with ``spark.jars``
+pointing there and never resolves anything at start-up, so it works offline.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -22,7 +24,8 @@ if TYPE_CHECKING:
 
     from lakeray.config import Settings
 
-__all__ = ["DELTA_PACKAGE", "check_java", "delta_jars", "resolve_delta_jars", "create_spark_session"]
+__all__ = ["DELTA_PACKAGE", "check_java", "delta_jars", "delta_jars_dir", "resolve_delta_jars",
+           "user_cache_dir", "create_spark_session"]
 
 # delta-spark 4.4.0 is the newest release whose jar is published for Spark 4.2 (4.4.1 is not).
 DELTA_PACKAGE = "io.delta:delta-spark_4.2_2.13:4.4.0"
@@ -78,28 +81,79 @@ def _java_major(java: str) -> int | None:
     return int(match.group(2) or 0) if first == 1 else first
 
 
+def user_cache_dir() -> Path:
+    """The per-user lakeray cache: ``$LAKERAY_CACHE``, else ``$XDG_CACHE_HOME/lakeray``, else
+    ``~/.cache/lakeray``. Shared by every project of the user; deleting it only costs a re-download."""
+    if os.environ.get("LAKERAY_CACHE"):
+        return Path(os.environ["LAKERAY_CACHE"]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "lakeray"
+
+
+def delta_jars_dir(settings: Settings) -> Path:
+    """Where this profile's Delta jars live: ``spark.jars_dir`` when set (relative to the project), else
+    ``<user cache>/jars/<folder named after the Maven coordinate>``: two lakeray versions pinning two
+    Delta versions each keep their own set instead of re-resolving over each other."""
+    explicit = settings.profile.spark.jars_dir
+    if explicit:
+        return Path(settings.resolve(explicit))
+    return user_cache_dir() / "jars" / re.sub(r"[^A-Za-z0-9._-]+", "_", DELTA_PACKAGE)
+
+
 def delta_jars(jars_dir: Path) -> list[str]:
-    """The cached Delta jars; SetupError naming `make setup` when they are missing."""
+    """The cached Delta jars; SetupError naming `lakeray setup` when they are missing."""
     marker = jars_dir / _MARKER
     jars = sorted(str(p) for p in jars_dir.glob("*.jar"))
     if not marker.is_file() or marker.read_text().strip() != DELTA_PACKAGE or not jars:
         raise SetupError(
             f"the Delta jars ({DELTA_PACKAGE}) are not cached in {jars_dir}",
-            "run `make setup` (or `lakeray setup`) once, with access to Maven Central",
+            "run `lakeray setup` (`make setup` in the lakeray checkout) once, with access to Maven Central",
         )
     return jars
 
 
-def resolve_delta_jars(jars_dir: Path) -> list[str]:
-    """Resolve the Delta jars with Spark's Ivy into ``jars_dir``; a no-op when already there."""
+def resolve_delta_jars(jars_dir: Path, seeds: tuple[Path, ...] = ()) -> list[str]:
+    """Put the Delta jars in ``jars_dir``; a no-op when already there.
+
+    The jars come from the first of ``seeds`` that holds this coordinate's complete set (an older
+    per-project cache: no network needed), else from Maven Central through Spark's Ivy. Either way
+    they are assembled in a temporary sibling folder, marked RESOLVED, and renamed into place in one
+    step, so a process that resolves at the same time, or one killed half-way, never leaves a folder
+    that looks complete but is not.
+    """
     try:
         return delta_jars(jars_dir)
     except SetupError:
         pass
+    jars_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{jars_dir.name}.tmp-", dir=jars_dir.parent))
+    staging.chmod(0o755)  # mkdtemp's 0700 would follow the rename
+    try:
+        seeded = next((seed for seed in seeds if _complete(seed)), None)
+        if seeded is not None:
+            for jar in seeded.glob("*.jar"):
+                shutil.copy2(jar, staging / jar.name)
+        else:
+            _ivy_resolve(staging)
+        (staging / _MARKER).write_text(DELTA_PACKAGE + "\n")
+        _swap_into_place(staging, jars_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # gone already when the rename won
+    return delta_jars(jars_dir)
+
+
+def _complete(folder: Path) -> bool:
+    try:
+        delta_jars(folder)
+    except SetupError:
+        return False
+    return True
+
+
+def _ivy_resolve(into: Path) -> None:
     check_java()
     from pyspark.sql import SparkSession
 
-    jars_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="lakeray-ivy-") as ivy:
         spark = (
             SparkSession.builder.master("local[1]")
@@ -113,18 +167,35 @@ def resolve_delta_jars(jars_dir: Path) -> list[str]:
         resolved = list(Path(ivy, "jars").glob("*.jar"))
         if not any(p.name.startswith("io.delta_delta-spark") for p in resolved):
             raise SetupError(f"Ivy did not resolve {DELTA_PACKAGE}", "check access to Maven Central")
-        for old in jars_dir.glob("*.jar"):
-            old.unlink()
         for jar in resolved:
-            shutil.copy2(jar, jars_dir / jar.name)
-    (jars_dir / _MARKER).write_text(DELTA_PACKAGE + "\n")
-    return delta_jars(jars_dir)
+            shutil.copy2(jar, into / jar.name)
+
+
+def _swap_into_place(staging: Path, jars_dir: Path) -> None:
+    """Rename ``staging`` to ``jars_dir``. Another process that got there first wins (its set is as good);
+    an incomplete or outdated folder in the way is moved aside first, then deleted."""
+    for _ in range(3):
+        try:
+            staging.rename(jars_dir)  # atomic; fails when jars_dir exists and is not empty
+            return
+        except OSError:
+            if _complete(jars_dir):
+                return
+            if jars_dir.exists():
+                aside = jars_dir.with_name(f".{jars_dir.name}.stale-{os.getpid()}")
+                try:
+                    jars_dir.rename(aside)
+                except OSError:
+                    continue  # someone else moved it: try again
+                shutil.rmtree(aside, ignore_errors=True)
+    raise SetupError(f"could not move the resolved Delta jars into {jars_dir}",
+                     "check that the folder is writable, then run `lakeray setup` again")
 
 
 def create_spark_session(settings: Settings) -> SparkSession:
     """Start (or return the process's running) Spark session for ``settings`` with Delta enabled."""
     check_java()
-    jars = delta_jars(settings.jars_dir)
+    jars = delta_jars(delta_jars_dir(settings))
     from pyspark.sql import SparkSession
 
     cfg = settings.profile.spark
