@@ -48,14 +48,11 @@ def describe(ctx: click.Context, name: str) -> None:
 def run(ctx: click.Context, name: str, start: str | None, end: str | None) -> None:
     """Run feature job NAME on the latest input versions; prints the committed table version."""
     from lakeray.features.runner import run_feature_job
-    from lakeray.lakehouse.spark import create_spark_session
+    from lakeray.lakehouse.spark import spark_session
 
     settings = settings_from(ctx)
-    spark = create_spark_session(settings)
-    try:
+    with spark_session(settings) as spark:
         result = run_feature_job(spark, settings, name, start=start, end=end)
-    finally:
-        spark.stop()
     inputs = ", ".join(f"{t}@{v}" for t, v in result.input_versions.items())
     click.echo(f"{result.table}@{result.version}: {result.rows} rows from {inputs} in {result.seconds:.1f} s "
                f"(run {result.run_id}, code {result.code_version})")
@@ -85,14 +82,13 @@ def backfill_cmd(ctx: click.Context, name: str, start: str, end: str, step_days:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from lakeray.features.backfill import backfill, plan_chunks
-    from lakeray.lakehouse.spark import create_spark_session
+    from lakeray.lakehouse.spark import spark_session
 
     settings = settings_from(ctx)
     total = len(plan_chunks(start, end, step_days))  # validates the range before Spark starts
-    spark = create_spark_session(settings)
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         disable=as_json)
-    try:
+    with spark_session(settings) as spark:
         with progress:
             task = progress.add_task(f"backfill {name}", total=total)
 
@@ -105,8 +101,6 @@ def backfill_cmd(ctx: click.Context, name: str, start: str, end: str, step_days:
                 progress.advance(task)
 
             results = backfill(spark, settings, name, start, end, step_days, force, on_chunk=report)
-    finally:
-        spark.stop()
     done = sum(r.status == "committed" for r in results)
     if not as_json:
         click.echo(f"{name}: {done} chunk(s) committed, {len(results) - done} skipped")
@@ -115,28 +109,18 @@ def backfill_cmd(ctx: click.Context, name: str, start: str, end: str, step_days:
 @features.command("history")
 @click.argument("table")
 @click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON array of commits instead of a table.")
 @click.pass_context
-def history(ctx: click.Context, table: str, limit: int) -> None:
+def history(ctx: click.Context, table: str, limit: int, as_json: bool) -> None:
     """Versions of TABLE: operation, rows, run id, input versions, code version."""
-    from rich.console import Console
-    from rich.table import Table
-
+    from lakeray.cli._history import print_history
     from lakeray.lakehouse.delta import table_history
-    from lakeray.lakehouse.spark import create_spark_session
+    from lakeray.lakehouse.spark import spark_session
 
     settings = settings_from(ctx)
-    spark = create_spark_session(settings)
-    try:
+    with spark_session(settings) as spark:
         commits = table_history(spark, settings.table_path(table), limit)
-    finally:
-        spark.stop()
-    out = Table("version", "timestamp", "operation", "rows", "run id", "inputs", "code", title=table)
-    for c in commits:
-        run = c["run"]
-        inputs = ", ".join(f"{t}@{v}" for t, v in (run.get("inputs") or {}).items())
-        out.add_row(str(c["version"]), str(c["timestamp"]), c["operation"], str(c["rows"] or ""),
-                    run.get("lakeray_run_id", ""), inputs, run.get("code_version", ""))
-    Console().print(out)
+    print_history(table, commits, as_json)
 
 
 @features.command("show")
@@ -173,15 +157,12 @@ def training_set(ctx: click.Context, spec_file: str) -> None:
     import yaml
 
     from lakeray.features.training_sets import TrainingSetSpec, build_training_set
-    from lakeray.lakehouse.spark import create_spark_session
+    from lakeray.lakehouse.spark import spark_session
 
     settings = settings_from(ctx)
     spec = TrainingSetSpec.parse(yaml.safe_load(open(spec_file)) or {}, spec_file)
-    spark = create_spark_session(settings)
-    try:
+    with spark_session(settings) as spark:
         result = build_training_set(spark, settings, spec)
-    finally:
-        spark.stop()
     inputs = ", ".join(f"{t}@{v}" for t, v in result.inputs.items())
     click.echo(f"{result.table}@{result.version}: {result.rows} rows from {inputs}; hash {result.content_hash}; "
                f"manifest {result.manifest_path}")
@@ -196,15 +177,12 @@ def rebuild(ctx: click.Context, name: str, version: int | None, into: str | None
     """Rebuild a training set from its manifest and check the content hash matches."""
     from lakeray.errors import DataQualityError
     from lakeray.features.training_sets import load_manifest, rebuild_training_set
-    from lakeray.lakehouse.spark import create_spark_session
+    from lakeray.lakehouse.spark import spark_session
 
     settings = settings_from(ctx)
     manifest = load_manifest(settings, name, version)
-    spark = create_spark_session(settings)
-    try:
+    with spark_session(settings) as spark:
         result = rebuild_training_set(spark, settings, manifest, into)
-    finally:
-        spark.stop()
     if result.content_hash != manifest["content_hash"]:
         raise DataQualityError(f"rebuild of {name}@{manifest['version']} differs: {result.content_hash} vs "
                                f"{manifest['content_hash']}", "an input version was vacuumed or rewritten")
@@ -224,14 +202,11 @@ def vacuum_cmd(ctx: click.Context, tables: tuple[str, ...], retain_hours: float,
     however old; the output says which versions were kept and why.
     """
     from lakeray.features.retention import vacuum
-    from lakeray.lakehouse.spark import create_spark_session
+    from lakeray.lakehouse.spark import spark_session
 
     settings = settings_from(ctx)
-    spark = create_spark_session(settings)
-    try:
+    with spark_session(settings) as spark:
         results = vacuum(spark, settings, list(tables) or None, retain_hours, dry_run)
-    finally:
-        spark.stop()
     verb = "would delete" if dry_run else "deleted"
     for r in results:
         click.echo(f"{r.table}@{r.latest_version}: {verb} {len(r.deleted_files)} file(s); retention "

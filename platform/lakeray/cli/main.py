@@ -25,6 +25,7 @@ _COMMANDS = {
     "config": ("lakeray.cli.config_cmd", "config", "Show and validate the resolved configuration."),
     "data": ("lakeray.cli.data_cmd", "data", "Generate the example transactions table."),
     "features": ("lakeray.cli.features_cmd", "features", "List and run feature jobs."),
+    "tables": ("lakeray.cli.tables_cmd", "tables", "Import data into Delta tables; list tables and their history."),
     "train": ("lakeray.cli.train_cmd", "train", "Train XGBoost on a feature table version and register it."),
     "serve": ("lakeray.cli.serve_cmd", "serve", "Serve a registered model over HTTP with Ray Serve."),
 }
@@ -60,9 +61,10 @@ def cli(ctx: click.Context, config_path: str | None, profile: str | None, debug:
         os.environ["LAKERAY_DEBUG"] = "1"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    """Run the CLI on ``argv`` (default: ``sys.argv[1:]``); errors exit with their code via SystemExit."""
     try:
-        cli.main(standalone_mode=False)
+        cli.main(args=argv, standalone_mode=False)
     except LakerayError as exc:
         if os.environ.get("LAKERAY_DEBUG") == "1":
             raise

@@ -9,12 +9,14 @@ pointing there and never resolves anything at start-up, so it works offline.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import re
 import shutil
 import tempfile
 from pathlib import Path
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from lakeray.errors import SetupError
@@ -25,7 +27,7 @@ if TYPE_CHECKING:
     from lakeray.config import Settings
 
 __all__ = ["DELTA_PACKAGE", "check_java", "delta_jars", "delta_jars_dir", "resolve_delta_jars",
-           "user_cache_dir", "create_spark_session"]
+           "user_cache_dir", "create_spark_session", "spark_session"]
 
 # delta-spark 4.4.0 is the newest release whose jar is published for Spark 4.2 (4.4.1 is not).
 DELTA_PACKAGE = "io.delta:delta-spark_4.2_2.13:4.4.0"
@@ -242,3 +244,24 @@ def create_spark_session(settings: Settings) -> SparkSession:
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("ERROR")
     return spark
+
+
+@contextlib.contextmanager
+def spark_session(settings: Settings) -> Iterator[SparkSession]:
+    """:func:`create_spark_session` for one command; stopped on exit only if this call started it.
+
+    A CLI command run inside a process that already has a session (a notebook, a test session,
+    an orchestrator's worker) gets that session back from ``getOrCreate`` and must not stop it:
+    stopping would kill the caller's Spark. Checked both ways because ``getActiveSession`` is per
+    thread while ``getOrCreate`` also returns the process's default session from another thread.
+    """
+    from pyspark.sql import SparkSession
+
+    existed = SparkSession.getActiveSession() is not None or getattr(SparkSession, "_instantiatedSession", None) \
+        is not None
+    spark = create_spark_session(settings)
+    try:
+        yield spark
+    finally:
+        if not existed:
+            spark.stop()
