@@ -321,7 +321,17 @@ def test_features_commands_and_tables_list(cli, spark, settings, tmp_path, jobs_
     code, out, err = cli("features", "rebuild", "cli_ts", "--into", "cli_ts_copy")
     assert code == 0, err
     assert "identical to cli_ts@0" in out
-    # TODO rebuild mismatch
+    # A manifest whose hash no longer matches (as if an input had been rewritten): exit 1, nothing committed.
+    manifest_file = Path(settings.storage_root, "_manifests", "cli_ts", "v0.json")
+    manifest = json.loads(manifest_file.read_text())
+    manifest_file.write_text(json.dumps({**manifest, "content_hash": "3-" + "0" * 64}))
+    try:
+        code, out, err = cli("features", "rebuild", "cli_ts")
+    finally:
+        manifest_file.write_text(json.dumps(manifest))
+    assert code == 1 and "differs" in err and "nothing was written" in err
+    assert sorted(p.name for p in (_local(settings, "cli_ts") / "_delta_log").glob("*.json")) == [
+        "00000000000000000000.json"]
 
     code, out, err = cli("tables", "list", "--json")
     assert code == 0, err

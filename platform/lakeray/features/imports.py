@@ -319,19 +319,6 @@ def _file_sizes(spark: SparkSession, uris: list[str]) -> int:
     return total
 
 
-def _remove_uncommitted(spark: SparkSession, path: str) -> None:
-    """Delete ``path`` if it holds no Delta commit: what a failed first write leaves behind."""
-    jvm = spark.sparkContext._jvm
-    hpath = jvm.org.apache.hadoop.fs.Path(path)
-    fs = hpath.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration())
-    if not fs.exists(hpath):
-        return
-    log = jvm.org.apache.hadoop.fs.Path(path + "/_delta_log")
-    if fs.exists(log) and any(str(s.getPath().getName()).endswith(".json") for s in fs.listStatus(log)):
-        return  # someone committed: it is a table now, not our leftover
-    fs.delete(hpath, True)
-
-
 def import_table(spark: SparkSession, settings: Settings, name: str, source: str, format: str | None = None,
                  mode: str = "overwrite", options: dict[str, str] | None = None) -> ImportResult:
     """Read ``source`` with Spark's reader into the Delta table ``name``: one commit, lineage in it.
@@ -359,22 +346,12 @@ def import_table(spark: SparkSession, settings: Settings, name: str, source: str
     schema = df.schema.simpleString()
     lineage = {"lakeray_import_id": import_id, "source": plan.source_uri, "format": plan.format, "files": files,
                "bytes": size, "schema": schema, "mode": mode, "options": _redacted(plan.options)}
-    folder_existed = exists or _exists(spark, plan.path)
-    try:
+    try:  # a write that fails part-way removes the folder it created (write_table)
         version = write_table(df, plan.path, mode=mode, user_metadata=json.dumps(lineage))
-    except BaseException as exc:
-        if not folder_existed:
-            _remove_uncommitted(spark, plan.path)
-        if isinstance(exc, spark_errors):
-            raise _unreadable(plan, _spark_message(exc)) from None
-        raise
+    except spark_errors as exc:
+        raise _unreadable(plan, _spark_message(exc)) from None
     commit = next((c for c in table_history(spark, plan.path, 16) if c["version"] == version), None)
     rows = commit["rows"] if commit and commit["rows"] is not None else read_table(spark, plan.path, version).count()
     return ImportResult(name, version, int(rows), files, size, plan.source_uri, plan.format, mode, schema, import_id,
                         time.perf_counter() - started)
 
-
-def _exists(spark: SparkSession, path: str) -> bool:
-    jvm = spark.sparkContext._jvm
-    hpath = jvm.org.apache.hadoop.fs.Path(path)
-    return bool(hpath.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration()).exists(hpath))
