@@ -50,3 +50,14 @@ def print_history(table: str, commits: list[dict[str, Any]], as_json: bool = Fal
         out.add_row(str(c["version"]), str(c["timestamp"]), c["operation"],
                     "" if c["rows"] is None else str(c["rows"]), *lineage_cells(c["run"]))
     Console().print(out)
+
+
+def show_history(settings: Any, table: str, limit: int, as_json: bool = False) -> None:
+    """Read TABLE's newest ``limit`` commits (Spark) and print them: `features history` and
+    `tables history` are this one command under two groups."""
+    from lakeray.lakehouse.delta import table_history
+    from lakeray.lakehouse.spark import spark_session
+
+    with spark_session(settings) as spark:
+        commits = table_history(spark, settings.table_path(table), limit)
+    print_history(table, commits, as_json)

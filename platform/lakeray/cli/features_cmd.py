@@ -113,14 +113,9 @@ def backfill_cmd(ctx: click.Context, name: str, start: str, end: str, step_days:
 @click.pass_context
 def history(ctx: click.Context, table: str, limit: int, as_json: bool) -> None:
     """Versions of TABLE: operation, rows, run id, input versions, code version."""
-    from lakeray.cli._history import print_history
-    from lakeray.lakehouse.delta import table_history
-    from lakeray.lakehouse.spark import spark_session
+    from lakeray.cli._history import show_history
 
-    settings = settings_from(ctx)
-    with spark_session(settings) as spark:
-        commits = table_history(spark, settings.table_path(table), limit)
-    print_history(table, commits, as_json)
+    show_history(settings_from(ctx), table, limit, as_json)
 
 
 @features.command("show")

@@ -88,12 +88,6 @@ def list_cmd(ctx: click.Context, as_json: bool) -> None:
 @click.pass_context
 def history(ctx: click.Context, name: str, limit: int, as_json: bool) -> None:
     """Versions of NAME with their lineage: import source, feature run inputs and code, training-set inputs."""
-    from lakeray.cli._history import print_history
-    from lakeray.lakehouse.delta import table_history
-    from lakeray.lakehouse.spark import spark_session
+    from lakeray.cli._history import show_history
 
-    settings = settings_from(ctx)
-    path = settings.table_path(name)
-    with spark_session(settings) as spark:
-        commits = table_history(spark, path, limit)
-    print_history(name, commits, as_json)
+    show_history(settings_from(ctx), name, limit, as_json)
