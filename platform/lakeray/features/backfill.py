@@ -37,18 +37,11 @@ class ChunkResult:
     reason: str = ""
 
 
-def _date(value: str, what: str) -> dt.date:
-    try:
-        return dt.date.fromisoformat(value)
-    except ValueError:
-        raise ConfigError(f"{what} {value!r} is not an ISO date", "use e.g. 2026-01-31") from None
-
-
 def plan_chunks(start: str, end: str, step_days: int = 1) -> list[tuple[str, str]]:
     """[start, end) cut into ``step_days`` chunks (the last one may be shorter), as ISO dates."""
-    first, stop = _date(start, "--start"), _date(end, "--end")
-    if stop <= first:
-        raise ConfigError(f"empty range: --end {end} is not after --start {start}", "the end date is exclusive")
+    from lakeray.features.runner import date_range
+
+    first, stop = date_range(start, end)
     if step_days < 1:
         raise ConfigError(f"--step-days must be ≥ 1, got {step_days}", "pass a positive number of days")
     chunks, day = [], first

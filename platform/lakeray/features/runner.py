@@ -4,11 +4,15 @@ A run: pin each input's latest version, call the job, check the output's schema 
 (no silent drops or retypes), evaluate the declared expectations on the output, and only then write
 one Delta commit whose history carries the run's lineage (run id, code version, input versions,
 expectation results). A failing ``error`` expectation or a refused schema change commits nothing.
-Every run, committed or refused, is appended to the run ledger ``<root>/_runs/feature_runs.jsonl``.
+Every run is appended to the run ledger ``<root>/_runs/feature_runs.jsonl`` with its outcome:
+``committed``, ``refused`` (a LakerayError: quality gate, schema), ``failed`` (any other exception: a
+bug in the job, a Delta conflict; type and message recorded) or ``interrupted`` (Ctrl-C); the
+exception is re-raised after the entry is written.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import importlib.util
 import inspect
@@ -29,7 +33,7 @@ if TYPE_CHECKING:
 
     from lakeray.config import Settings
 
-__all__ = ["FeatureRunResult", "discover_jobs", "run_feature_job", "check_schema", "read_ledger"]
+__all__ = ["FeatureRunResult", "discover_jobs", "run_feature_job", "check_schema", "read_ledger", "date_range"]
 
 
 @dataclass(frozen=True)
@@ -123,7 +127,7 @@ def _record(settings: Settings, entry: dict[str, Any]) -> None:
 
 
 def read_ledger(settings: Settings, table: str | None = None) -> list[dict[str, Any]]:
-    """Every recorded feature run (committed and refused), oldest first."""
+    """Every recorded feature run (committed, refused, failed, interrupted), oldest first."""
     path = _ledger_path(settings)
     if path is None or not path.is_file():
         return []
@@ -141,6 +145,32 @@ def _call(job: FeatureJob, inputs: dict[str, DataFrame], start: str | None, end:
         raise DataQualityError(f"feature job {job.name!r} returned {type(output).__name__}, not a DataFrame",
                                f"return a pyspark DataFrame from {job.fn.__name__}; nothing was written")
     return output
+
+
+def _date(value: str, what: str) -> dt.date:
+    try:
+        return dt.date.fromisoformat(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{what} {value!r} is not an ISO date", "use e.g. 2026-01-31") from None
+
+
+def date_range(start: str, end: str) -> tuple[dt.date, dt.date]:
+    """``--start``/``--end`` as dates, end after start (exclusive); ConfigError otherwise.
+
+    The one validator for run and backfill ranges: they end up in a ``replaceWhere`` SQL predicate,
+    which is built from the parsed dates' ISO form, never from the user's text.
+    """
+    first, stop = _date(start, "--start"), _date(end, "--end")
+    if stop <= first:
+        raise ConfigError(f"empty range: --end {end} is not after --start {start}", "the end date is exclusive")
+    return first, stop
+
+
+def _error_text(exc: BaseException) -> str:
+    """``Type: first line of the message`` (Spark's messages carry a JVM stack trace below it)."""
+    lines = str(exc).strip().splitlines()
+    message = lines[0][:500] if lines else ""
+    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
 
 
 def find_job(settings: Settings, name: str) -> FeatureJob:
@@ -171,6 +201,9 @@ def run_feature_job(spark: SparkSession, settings: Settings, name: str, start: s
     if (start is None) != (end is None) or (start is not None and job.write_mode != "partitions"):
         raise ConfigError(f"{name}: --start and --end go together, and only with write_mode 'partitions'",
                           "pass both, or neither for a full run")
+    if start is not None and end is not None:
+        first, stop = date_range(start, end)
+        start, end = first.isoformat(), stop.isoformat()  # the SQL text below only ever sees these
     run_id = uuid.uuid4().hex[:16]
     started = time.perf_counter()
     entry: dict[str, Any] = {"run_id": run_id, "table": name, "code_version": job.code_version,
@@ -199,14 +232,17 @@ def run_feature_job(spark: SparkSession, settings: Settings, name: str, start: s
         if start is not None:
             part = job.partition_by[0]
             replace_where = f"`{part}` >= '{start}' AND `{part}` < '{end}'"
-            outside = output.where(~F.expr(replace_where)).limit(1).count()
-            if outside:
-                raise DataQualityError(f"{name}: the job returned rows outside [{start}, {end}) of {part}",
-                                       "filter the output to the run's range; nothing was written")
         # Checks and the write both read the output: compute it once. DESER (DataFrame.cache()'s level):
         # the columnar batches are kept as objects, not serialized once more; at 5M rows the fill was
         # 2.6 s faster and the write from it 0.6 s faster than with MEMORY_AND_DISK. It still spills.
         output = output.persist(StorageLevel.MEMORY_AND_DISK_DESER)
+        if replace_where is not None:
+            # On the persisted output (this fills the cache): checked before it, the range check
+            # computed the whole job once more. A null partition value is outside the range too.
+            outside = output.where(~F.coalesce(F.expr(replace_where), F.lit(False))).limit(1).count()
+            if outside:
+                raise DataQualityError(f"{name}: the job returned rows outside [{start}, {end}) of {part}",
+                                       "filter the output to the run's range; nothing was written")
         results = evaluate(output, job.expectations)
         entry["expectations"] = [r.model_dump() for r in results]
         raise_on_errors(name, results)
@@ -221,9 +257,19 @@ def run_feature_job(spark: SparkSession, settings: Settings, name: str, start: s
             version = write_table(output, path, partition_by=job.partition_by or None,
                                   replace_where=replace_where if exists else None,
                                   user_metadata=metadata, merge_schema=bool(added), properties=properties)
+        entry["version"] = version  # committed: a failure below still names the version
         rows = _committed_rows(spark, path, version)
     except LakerayError as exc:
         entry.update(status="refused", error=exc.headline, seconds=round(time.perf_counter() - started, 2))
+        _record(settings, entry)
+        raise
+    except Exception as exc:  # a bug in the job, a Delta conflict, a lost executor: recorded, then raised
+        entry.update(status="failed", error=_error_text(exc), seconds=round(time.perf_counter() - started, 2))
+        _record(settings, entry)
+        raise
+    except BaseException as exc:  # Ctrl-C (KeyboardInterrupt), SystemExit
+        entry.update(status="interrupted", error=_error_text(exc),
+                     seconds=round(time.perf_counter() - started, 2))
         _record(settings, entry)
         raise
     finally:
