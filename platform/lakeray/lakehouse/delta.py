@@ -104,6 +104,23 @@ def _own_version(spark: SparkSession, path: str, user_metadata: str | None) -> i
     return table_version(spark, path)  # the commit is always in the history; kept as a fallback
 
 
+def _session_with(spark: SparkSession, conf: dict[str, str]) -> SparkSession:
+    """A child of ``spark`` (same SparkContext and cache, a copy of its SQL conf) with ``conf`` set on top.
+
+    Delta takes a MERGE's commit metadata and VACUUM's retention guard only from the session conf
+    (no per-operation option in delta-spark 4.4's Python or SQL API; a commit reads the conf of the
+    session it runs in). Setting them on the caller's session leaked into every concurrent write of
+    that session: two threads' merges swapped lineage. A cloned session isolates them, costs ~ms and
+    keeps the caller's runtime settings (``newSession()`` would drop them).
+    """
+    from pyspark.sql import SparkSession
+
+    child = SparkSession(spark.sparkContext, spark._jsparkSession.cloneSession())
+    for key, value in conf.items():
+        child.conf.set(key, value)
+    return child
+
+
 def merge_table(df: DataFrame, path: str, keys: list[str], user_metadata: str | None = None,
                 properties: dict[str, str] | None = None) -> int:
     """Upsert ``df`` into ``path`` by ``keys`` (one MERGE commit); creates the table on first write."""
@@ -113,17 +130,11 @@ def merge_table(df: DataFrame, path: str, keys: list[str], user_metadata: str | 
     if not DeltaTable.isDeltaTable(spark, path):
         return write_table(df, path, user_metadata=user_metadata, properties=properties)
     condition = " AND ".join(f"t.`{k}` <=> s.`{k}`" for k in keys)
-    previous = spark.conf.get("spark.databricks.delta.commitInfo.userMetadata", None)
-    if user_metadata is not None:
-        spark.conf.set("spark.databricks.delta.commitInfo.userMetadata", user_metadata)
-    try:
-        (DeltaTable.forPath(spark, path).alias("t").merge(df.alias("s"), condition)
-         .whenMatchedUpdateAll().whenNotMatchedInsertAll().execute())
-    finally:
-        if previous is None:
-            spark.conf.unset("spark.databricks.delta.commitInfo.userMetadata")
-        else:
-            spark.conf.set("spark.databricks.delta.commitInfo.userMetadata", previous)
+    # The merge runs in (and commits from) a child session carrying this write's metadata only.
+    session = spark if user_metadata is None else _session_with(
+        spark, {"spark.databricks.delta.commitInfo.userMetadata": user_metadata})
+    (DeltaTable.forPath(session, path).alias("t").merge(df.alias("s"), condition)
+     .whenMatchedUpdateAll().whenNotMatchedInsertAll().execute())
     return _own_version(spark, path, user_metadata)
 
 
@@ -271,7 +282,7 @@ def vacuum_table(spark: SparkSession, path: str, retain_hours: float, dry_run: b
 
     Delta's own guard refuses retention under 7 days (readers of old snapshots); lakeray's caller has
     already widened the window to cover every version still referenced, so it lifts the guard for
-    this one call when asked for less.
+    this one call, in a child session: the caller's session (and its other threads) keep the guard.
     """
     import math
 
@@ -279,17 +290,12 @@ def vacuum_table(spark: SparkSession, path: str, retain_hours: float, dry_run: b
 
     if not DeltaTable.isDeltaTable(spark, path):
         raise TableNotFoundError(f"no Delta table at {path}", "check the table name")
-    guard = "spark.databricks.delta.retentionDurationCheck.enabled"
-    previous = spark.conf.get(guard, "true")
-    spark.conf.set(guard, "false")
-    try:
-        # Whole hours, rounded up: Delta's SQL parser drops the fraction of `RETAIN 0.5 HOURS` (it
-        # vacuumed files a referenced version needed when given 0.03 h). Rounding up only keeps more.
-        hours = math.ceil(retain_hours)
-        dry = spark.sql(f"VACUUM delta.`{path}` RETAIN {hours} HOURS DRY RUN").collect()
-        files = [str(r[0]).removeprefix("file://").removeprefix("file:") for r in dry]
-        if files and not dry_run:
-            DeltaTable.forPath(spark, path).vacuum(float(hours))
-    finally:
-        spark.conf.set(guard, previous)
+    session = _session_with(spark, {"spark.databricks.delta.retentionDurationCheck.enabled": "false"})
+    # Whole hours, rounded up: Delta's SQL parser drops the fraction of `RETAIN 0.5 HOURS` (it
+    # vacuumed files a referenced version needed when given 0.03 h). Rounding up only keeps more.
+    hours = math.ceil(retain_hours)
+    dry = session.sql(f"VACUUM delta.`{path}` RETAIN {hours} HOURS DRY RUN").collect()
+    files = [str(r[0]).removeprefix("file://").removeprefix("file:") for r in dry]
+    if files and not dry_run:
+        DeltaTable.forPath(session, path).vacuum(float(hours))
     return files
