@@ -69,6 +69,11 @@ def _load_module_locked(path: Path):
     if spec is None or spec.loader is None:
         raise ConfigError(f"{path}: cannot be imported as a Python module", "check the file name")
     module = importlib.util.module_from_spec(spec)
+    # Helper modules next to the job (``_helpers.py``: skipped by discovery) import by their plain
+    # name, as with ``python job.py``; appended, so an installed package of the same name still wins.
+    folder = str(path.parent.resolve())
+    if folder not in sys.path:
+        sys.path.append(folder)
     sys.modules[name] = module
     try:
         spec.loader.exec_module(module)
@@ -82,6 +87,8 @@ def _load_module_locked(path: Path):
 def discover_jobs(settings: Settings) -> dict[str, FeatureJob]:
     """Every :class:`FeatureJob` defined in ``*.py`` under the profile's ``feature_paths``."""
     jobs: dict[str, FeatureJob] = {}
+    # Modules under these count as the jobs' own code (FeatureJob.code_version).
+    roots = (*(settings.resolve(f) for f in settings.profile.feature_paths), str(settings.project_dir))
     for folder in settings.profile.feature_paths:
         root = Path(settings.resolve(folder))
         if not root.is_dir():
@@ -95,7 +102,7 @@ def discover_jobs(settings: Settings) -> dict[str, FeatureJob]:
                 if value.name in jobs and jobs[value.name].source != str(path):
                     raise ConfigError(f"feature table {value.name!r} is declared twice: "
                                       f"{jobs[value.name].source} and {path}", "rename one of them")
-                jobs[value.name] = value.model_copy(update={"source": str(path)})
+                jobs[value.name] = value.model_copy(update={"source": str(path), "project_roots": roots})
     return jobs
 
 

@@ -13,8 +13,14 @@ on a hand-built DataFrame without lakeray's runner.
 
 from __future__ import annotations
 
+import ast
+import hashlib
+import importlib.util
 import re
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterator
+from functools import lru_cache
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -49,6 +55,8 @@ class FeatureJob(BaseModel):
                                        "(added columns are always allowed).")
     fn: Callable[..., Any] = Field(description="The PySpark function.", exclude=True)
     source: str = Field("", description="File the job was loaded from.")
+    project_roots: tuple[str, ...] = Field((), exclude=True, description="Folders whose modules count as "
+                                           "the project's code (feature_paths, the project folder).")
 
     @model_validator(mode="after")
     def _mode_needs(self) -> "FeatureJob":
@@ -64,13 +72,23 @@ class FeatureJob(BaseModel):
 
     @property
     def code_version(self) -> str:
-        """Content hash of the job's source file: two runs with the same hash ran the same code."""
-        import hashlib
-        from pathlib import Path
+        """Hash of what the job's result depends on: two runs with the same hash ran the same code.
 
+        Covers the job file, every project module it imports (transitively, from their import
+        statements; a module counts when its file lies under the job's folder or ``project_roots`` and
+        outside installed packages), lakeray's version and the runner/write/join code it goes through.
+        Backfill skips a chunk only when this is unchanged, so a helper edit reruns stale chunks.
+        """
         if not self.source or not Path(self.source).is_file():
             return "unknown"
-        return hashlib.sha256(Path(self.source).read_bytes()).hexdigest()[:12]
+        source = Path(self.source).resolve()
+        digest = hashlib.sha256(source.read_bytes())
+        roots = [source.parent, *(Path(r).resolve() for r in self.project_roots)]
+        for name, file in sorted(_project_imports(source, roots).items()):
+            digest.update(f"\0{name}\0".encode())
+            digest.update(file.read_bytes())
+        digest.update(_lakeray_fingerprint().encode())
+        return digest.hexdigest()[:12]
 
     @field_validator("name")
     @classmethod
@@ -86,6 +104,77 @@ class FeatureJob(BaseModel):
             if not _NAME.fullmatch(name):
                 raise ValueError(f"input {name!r} must be a table name (letters, digits, underscores)")
         return value
+
+
+# lakeray's own code that turns a job's output into committed rows (and the point-in-time join).
+_LAKERAY_CODE = ("features/runner.py", "lakehouse/delta.py", "lakehouse/pit.py")
+
+
+@lru_cache(maxsize=1)
+def _lakeray_fingerprint() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        parts = [version("lakeray")]
+    except PackageNotFoundError:  # a source checkout that was never installed
+        parts = ["unknown"]
+    package = Path(__file__).resolve().parents[1]
+    parts += [hashlib.sha256((package / rel).read_bytes()).hexdigest() for rel in _LAKERAY_CODE
+              if (package / rel).is_file()]
+    return ":".join(parts)
+
+
+def _imported_names(file: Path) -> Iterator[str]:
+    """Absolute module names a Python file imports (top level and inside functions), with their parents."""
+    try:
+        tree = ast.parse(file.read_bytes(), str(file))
+    except (SyntaxError, ValueError):
+        return
+    for node in ast.walk(tree):
+        names: list[str] = []
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names = [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
+        for name in names:
+            parts = name.split(".")
+            yield from (".".join(parts[: i + 1]) for i in range(len(parts)))
+
+
+def _module_file(name: str) -> Path | None:
+    module = sys.modules.get(name)
+    file = getattr(module, "__file__", None) if module is not None else None
+    if file is None and module is None:
+        try:
+            spec = importlib.util.find_spec(name)
+        except (ImportError, ValueError, AttributeError):
+            return None
+        file = spec.origin if spec is not None and spec.has_location else None
+    return Path(file).resolve() if file and file.endswith(".py") else None
+
+
+def _project_imports(source: Path, roots: list[Path]) -> dict[str, Path]:
+    """Project modules ``source`` imports, transitively: name → file."""
+    installed = {Path(p).resolve() for p in {sys.prefix, sys.base_prefix, sys.exec_prefix}}
+
+    def local(file: Path) -> bool:
+        if "site-packages" in file.parts or "dist-packages" in file.parts:
+            return False
+        if any(file.is_relative_to(prefix) for prefix in installed):
+            return False
+        return any(file.is_relative_to(root) for root in roots)
+
+    found: dict[str, Path] = {}
+    pending = [source]
+    while pending:
+        for name in _imported_names(pending.pop()):
+            if name in found or name == "lakeray" or name.startswith("lakeray."):
+                continue  # lakeray itself is covered by its version and code fingerprint
+            file = _module_file(name)
+            if file is not None and file != source and local(file):
+                found[name] = file
+                pending.append(file)
+    return found
 
 
 def feature_job(**declaration: Any) -> Callable[[Callable[..., Any]], FeatureJob]:
