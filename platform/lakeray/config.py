@@ -3,7 +3,10 @@
 Resolution order (later wins): built-in defaults < the profile in the YAML file < ``LAKERAY_*``
 environment overrides. The profile is ``--profile``, else ``LAKERAY_PROFILE``, else the file's
 ``default_profile``. Overrides use ``__`` between levels, e.g. ``LAKERAY_RAY__ADDRESS=auto`` or
-``LAKERAY_TRAIN__NUM_WORKERS=4``; values are parsed as YAML scalars so ``4`` is an int.
+``LAKERAY_TRAIN__NUM_WORKERS=4``. Values are parsed by the type of the field they set
+(pydantic-settings): ``LAKERAY_MLFLOW__EXPERIMENT=2024`` stays the string ``"2024"``, ``4`` becomes an
+int for an int field, a dict or list field takes JSON. Section and field names are case-insensitive;
+keys below a dict field keep their case (``LAKERAY_SPARK__CONF__spark.sql.adaptive.coalescePartitions.enabled``).
 
 Every validation error is a :class:`~lakeray.errors.ConfigError` naming the file (or the
 environment variable) and the field path, e.g.
@@ -16,6 +19,7 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -222,27 +226,106 @@ _TOP_LEVEL_FIELDS = frozenset(
 )
 
 
+def _env_field_path(key: str) -> list[str]:
+    """The field path ``key`` sets: model field names lower-cased, the rest below a dict field as written."""
+    parts = key[len(_ENV_PREFIX) :].split("__")
+    if not all(parts) or (len(parts) == 1 and parts[0].lower() not in _TOP_LEVEL_FIELDS):
+        raise ConfigError(
+            f"environment variable {key}: cannot tell which field it sets",
+            "use LAKERAY_<SECTION>__<FIELD>, e.g. LAKERAY_RAY__ADDRESS=auto "
+            f"(top-level fields: {', '.join('LAKERAY_' + f.upper() for f in sorted(_TOP_LEVEL_FIELDS))})",
+        )
+    model: type[BaseModel] | None = Profile
+    path: list[str] = []
+    for index, part in enumerate(parts):
+        if model is None:  # below a dict field: one key, case kept (Spark and XGBoost keys are case-sensitive)
+            path.append("__".join(parts[index:]))
+            break
+        name = part.lower()
+        field = model.model_fields.get(name)
+        last = index == len(parts) - 1
+        if field is None or (not last and _section(field.annotation) is None and not _is_dict(field.annotation)):
+            where = ".".join([*path, *(p.lower() for p in parts[index:])])
+            if not last:
+                raise ConfigError(f"environment variable {key}: {where}: unknown section",
+                                  "see docs/configuration.md for the sections")
+            raise ConfigError(f"environment variable {key}: {where}: unknown key (misspelled? see "
+                              "docs/configuration.md for the keys)", f"correct or unset {key}")
+        path.append(name)
+        model = _section(field.annotation)
+    return path
+
+
+def _section(annotation: Any) -> type[BaseModel] | None:
+    return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+
+
+def _is_dict(annotation: Any) -> bool:
+    from typing import get_origin
+
+    return annotation is dict or get_origin(annotation) is dict
+
+
+@lru_cache(maxsize=1)
+def _env_source_class():
+    """A pydantic-settings source over the profile's sections, reading a given mapping, not os.environ."""
+    from pydantic import create_model
+    from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
+    from pydantic_settings.sources.utils import parse_env_vars
+
+    class _Base(BaseSettings):
+        model_config = SettingsConfigDict(env_prefix="lakeray_", env_nested_delimiter="__", case_sensitive=True,
+                                          env_parse_none_str="null", extra="ignore")
+
+    sections = create_model("ProfileSections", __base__=_Base, **{
+        name: (field.annotation, None) for name, field in Profile.model_fields.items()
+        if name not in _TOP_LEVEL_FIELDS})
+
+    class MappingSource(EnvSettingsSource):
+        def __init__(self, environ: Mapping[str, str]) -> None:
+            self._mapping = environ
+            super().__init__(sections)
+
+        def _load_env_vars(self) -> Mapping[str, str | None]:
+            return parse_env_vars(self._mapping, True, False, "null")
+
+    return MappingSource
+
+
+def _env_value(key: str, path: list[str], raw: str) -> Any:
+    """``raw`` parsed as the field at ``path`` expects it (pydantic-settings), ConfigError naming ``key``."""
+    from pydantic_settings import SettingsError
+
+    if raw == "":
+        raw = "null"  # an empty variable unsets an optional field, as `key:` does in YAML
+    name = "lakeray_" + "__".join(path)
+    try:
+        value: Any = _env_source_class()({name: raw})()
+    except SettingsError as exc:
+        raise ConfigError(f"environment variable {key}: {'.'.join(path)}: not valid for this field ({exc.__cause__ or exc})",
+                          f"a dict or list field takes JSON, e.g. {key}='{{\"k\": \"v\"}}'") from None
+    for part in path:
+        value = value[part]
+    return value
+
+
 def _env_overrides(environ: Mapping[str, str]) -> list[tuple[str, list[str], Any]]:
     import yaml
 
     overrides = []
     for key, raw in sorted(environ.items()):
-        if not key.startswith(_ENV_PREFIX) or key in _RESERVED_ENV:
+        if not key.upper().startswith(_ENV_PREFIX) or key.upper() in _RESERVED_ENV:
             continue
-        path = [part.lower() for part in key[len(_ENV_PREFIX) :].split("__")]
-        if not all(path) or (len(path) == 1 and path[0] not in _TOP_LEVEL_FIELDS):
-            raise ConfigError(
-                f"environment variable {key}: cannot tell which field it sets",
-                "use LAKERAY_<SECTION>__<FIELD>, e.g. LAKERAY_RAY__ADDRESS=auto "
-                f"(top-level fields: {', '.join('LAKERAY_' + f.upper() for f in sorted(_TOP_LEVEL_FIELDS))})",
-            )
-        if len(path) == 1 and not raw.lstrip().startswith("["):
-            value = raw  # a top-level list (feature_paths): a comma-separated string, never a YAML scalar like 2024
+        path = _env_field_path(key)
+        if len(path) == 1:  # a top-level list (feature_paths): comma-separated, or a YAML list
+            value: Any = raw
+            if raw.lstrip().startswith("["):
+                try:
+                    value = yaml.safe_load(raw)
+                except yaml.YAMLError:
+                    value = raw
         else:
-            try:
-                value = yaml.safe_load(raw) if raw != "" else None
-            except yaml.YAMLError:
-                value = raw
+            value = _env_value(key, path, raw)
         overrides.append((key, path, value))
     return overrides
 
@@ -299,10 +382,9 @@ def load_settings(
     data = project.profiles[name].model_dump()
     for key, field_path, value in _env_overrides(environ):
         node = data
-        for part in field_path[:-1]:
+        for part in field_path[:-1]:  # sections always exist; a dict field may be None in the file
             if not isinstance(node.get(part), dict):
-                raise ConfigError(f"environment variable {key}: {'.'.join(field_path)}: unknown section",
-                                  "see docs/configuration.md for the sections")
+                node[part] = {}
             node = node[part]
         node[field_path[-1]] = value
         try:
