@@ -83,22 +83,35 @@ def _stage(result: DemoResult, name: str, progress: Progress) -> Iterator[None]:
 
 
 def _sample_instances(settings: Settings, result: DemoResult, count: int) -> tuple[list[dict], list[dict]]:
-    """A few held-out rows (half of them frauds where there are any) as /predict instances."""
+    """A few held-out rows (half of them frauds where there are any) as /predict instances.
+
+    Reads the training set batch by batch, only the needed columns, and stops once it has enough
+    rows of each class (the driver never holds the whole table).
+    """
     import math
 
+    import pyarrow as pa
     import pyarrow.compute as pc
 
-    from lakeray.lakehouse.delta import read_arrow
+    from lakeray.lakehouse.delta import iter_batches
     from lakeray.training.data import holdout_mask
 
-    table = read_arrow(settings.table_path(TRAINING_SET), result.training_set_version,
-                       columns=[ID_COLUMN, LABEL, *result.features])
-    table = table.filter(holdout_mask(table.column(ID_COLUMN).to_numpy(), settings.profile.train.test_fraction))
-    frauds = table.filter(pc.equal(table.column(LABEL), 1)).slice(0, count // 2)
-    normal = table.filter(pc.equal(table.column(LABEL), 0)).slice(0, count - frauds.num_rows)
+    want_frauds = count // 2
+    found: dict[int, list[dict]] = {1: [], 0: []}
+    for batch in iter_batches(settings.table_path(TRAINING_SET), result.training_set_version,
+                              columns=[ID_COLUMN, LABEL, *result.features]):
+        ids = batch.column(ID_COLUMN).to_numpy(zero_copy_only=False)
+        held = batch.filter(pa.array(holdout_mask(ids, settings.profile.train.test_fraction)))
+        for label, room in ((1, want_frauds - len(found[1])), (0, count - len(found[0]))):
+            if room > 0:
+                found[label] += held.filter(pc.equal(held.column(LABEL), label)).slice(0, room).to_pylist()
+        if len(found[1]) >= want_frauds and len(found[0]) >= count - want_frauds:
+            break
+    frauds = found[1]
+    normal = found[0][: count - len(frauds)]
     instances, meta = [], []
     for part in (normal, frauds):
-        for row in part.to_pylist():
+        for row in part:
             instances.append({f: (None if row[f] is None or math.isnan(row[f]) else row[f])
                               for f in result.features})
             meta.append({ID_COLUMN: row[ID_COLUMN], LABEL: row[LABEL]})

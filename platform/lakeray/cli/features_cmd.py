@@ -129,7 +129,7 @@ def show(ctx: click.Context, table: str, version: int | None, as_of: str | None,
     from rich.console import Console
     from rich.table import Table
 
-    from lakeray.lakehouse.delta import read_arrow, version_at
+    from lakeray.lakehouse.delta import head_arrow, version_at
 
     settings = settings_from(ctx)
     path = settings.table_path(table)
@@ -137,7 +137,7 @@ def show(ctx: click.Context, table: str, version: int | None, as_of: str | None,
         if version is not None:
             raise click.UsageError("--version and --as-of exclude each other")
         version = version_at(path, as_of)
-    data = read_arrow(path, version).slice(0, limit)
+    data = head_arrow(path, version, limit)  # reads no file beyond the rows it prints
     out = Table(*data.column_names, title=f"{table}@{'latest' if version is None else version}")
     for row in data.to_pylist():
         out.add_row(*(str(v) for v in row.values()))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Literal
 
 from lakeray.errors import TableNotFoundError
@@ -11,7 +12,7 @@ if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
 
 __all__ = ["write_table", "merge_table", "table_version", "table_exists", "table_history", "read_table", "read_arrow",
-           "table_files", "version_at", "vacuum_table", "table_rows"]
+           "table_files", "version_at", "vacuum_table", "table_rows", "iter_batches", "head_arrow"]
 
 
 def write_table(
@@ -254,6 +255,41 @@ def read_arrow(
         return pa.Table.from_batches([], schema=schema).select(columns or schema.names)
     paths = [f.removeprefix("file://") for f in files]
     return ds.dataset(paths, format="parquet").to_table(columns=columns)
+
+
+def iter_batches(path: str, version: int | None = None, columns: list[str] | None = None,
+                 batch_size: int = 65_536) -> Iterator[pa.RecordBatch]:
+    """Record batches of a pinned version, one data file after the other, read only as consumed.
+
+    Stop iterating and no further file is opened: a caller that needs the first rows, or rows until a
+    condition holds, reads that much and no more (a pyarrow scan of the whole dataset reads ahead
+    across files). Partition columns come with each batch, from the file's partition values.
+    """
+    import pyarrow.dataset as ds
+
+    dataset = _open(path, version).to_pyarrow_dataset()
+    for fragment in dataset.get_fragments():
+        scanner = ds.Scanner.from_fragment(fragment, schema=dataset.schema, columns=columns,
+                                           batch_size=batch_size, use_threads=False)
+        yield from scanner.to_batches()
+
+
+def head_arrow(path: str, version: int | None = None, limit: int = 20, columns: list[str] | None = None
+               ) -> pa.Table:
+    """The first ``limit`` rows of a version (fewer when it has fewer), reading no file beyond them."""
+    import pyarrow as pa
+
+    batches, rows = [], 0
+    if limit > 0:
+        for batch in iter_batches(path, version, columns, batch_size=max(1, min(limit, 65_536))):
+            batches.append(batch.slice(0, limit - rows))
+            rows += batches[-1].num_rows
+            if rows >= limit:
+                break
+    if batches:
+        return pa.Table.from_batches(batches)
+    schema = _open(path, version).to_pyarrow_dataset().schema
+    return pa.Table.from_batches([], schema=schema).select(columns or schema.names)
 
 
 def version_at(path: str, timestamp: str) -> int:

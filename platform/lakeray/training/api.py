@@ -53,17 +53,24 @@ def holdout_auc(booster: xgboost.Booster, spec: TrainSpec, test_fraction: float)
     """AUC on the rows the trainer held out (same id hash as the workers used)."""
     from sklearn.metrics import roc_auc_score
 
-    from lakeray.lakehouse.delta import read_arrow
+    import pyarrow as pa
+
+    from lakeray.lakehouse.delta import iter_batches, read_arrow
     from lakeray.training.data import holdout_mask, to_matrix
 
-    table = read_arrow(spec.path, spec.version, columns=[spec.id_column, spec.label, *spec.features])
-    mask = holdout_mask(table.column(spec.id_column).to_numpy(), test_fraction)
-    x = to_matrix(table, spec.features)[mask]
-    y = table.column(spec.label).to_numpy(zero_copy_only=False)[mask]
+    # Batch by batch, keeping only the held-out rows: peak memory is the held-out share (plus one
+    # batch), not the whole training set.
+    held_out = []
+    for batch in iter_batches(spec.path, spec.version, columns=[spec.id_column, spec.label, *spec.features]):
+        ids = batch.column(spec.id_column).to_numpy(zero_copy_only=False)
+        held_out.append(batch.filter(pa.array(holdout_mask(ids, test_fraction))))
+    table = pa.Table.from_batches(held_out) if held_out else read_arrow(spec.path, spec.version, files=[])
+    x = to_matrix(table, spec.features)
+    y = table.column(spec.label).to_numpy(zero_copy_only=False)
     if len(set(y.tolist())) < 2:
         raise DataQualityError(f"the held-out rows of {spec.table}@{spec.version} have a single class",
                                "generate more rows (--rows) so both classes appear")
-    return float(roc_auc_score(y, booster.inplace_predict(x))), int(mask.sum())
+    return float(roc_auc_score(y, booster.inplace_predict(x))), int(table.num_rows)
 
 
 def train_and_register(settings: Settings, spec: TrainSpec, alias: str | None = "champion") -> TrainReport:
