@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -34,6 +34,7 @@ __all__ = [
     "MlflowConfig",
     "TrainConfig",
     "ServeConfig",
+    "TrainingSetsConfig",
     "Profile",
     "ProjectConfig",
     "Settings",
@@ -142,6 +143,21 @@ class ServeConfig(_Model):
     max_batch_rows: int = Field(10_000, ge=1, description="Largest number of rows one request may carry.")
 
 
+class TrainingSetsConfig(_Model):
+    engine: Literal["auto", "duckdb", "spark"] = Field(
+        "auto",
+        description="Point-in-time join engine: duckdb (in process, no JVM), spark, or auto: duckdb when "
+        "the profile is local (local Spark master, local storage) and the pinned inputs are at most "
+        "duckdb_max_input_mb of Delta files, else spark. A training-set spec's own `engine` wins.",
+    )
+    duckdb_max_input_mb: int | None = Field(
+        None, ge=1, description="Largest input (sum of the pinned versions' Delta file sizes) auto sends to "
+        "duckdb. Default: 1/8 of the machine's memory (the inputs are held as Arrow, ~3-5x their parquet size).")
+    duckdb_memory_limit_mb: int | None = Field(
+        None, ge=64, description="DuckDB's memory limit; past it the join spills to <storage.root>/_tmp/duckdb. "
+        "Default: half of the machine's memory.")
+
+
 class Profile(_Model):
     spark: SparkConfig = Field(default_factory=SparkConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
@@ -149,6 +165,7 @@ class Profile(_Model):
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
+    training_sets: TrainingSetsConfig = Field(default_factory=TrainingSetsConfig)
     feature_paths: list[str] = Field(
         default_factory=lambda: ["jobs/features"],
         min_length=1,

@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from lakeray.errors import DataQualityError, TableNotFoundError
+from lakeray.errors import ConfigError, DataQualityError, TableNotFoundError
 from lakeray.features.training_sets import TrainingSetSpec, build_training_set, load_manifest, rebuild_training_set
 from lakeray.lakehouse.delta import read_table, table_exists, table_version, write_table
 from lakeray.lakehouse.pit import content_hash
@@ -39,9 +39,14 @@ def flights(spark, settings):
     return settings
 
 
-def flight_spec(name, **weather):
+@pytest.fixture(params=["spark", "duckdb"])
+def engine(request):
+    return request.param
+
+
+def flight_spec(name, engine=None, **weather):
     return TrainingSetSpec.parse({
-        "name": name, "labels": "ent_flights", "entity_keys": ["flight_id"], "event_time": "dep_time",
+        "name": name, "engine": engine, "labels": "ent_flights", "entity_keys": ["flight_id"], "event_time": "dep_time",
         "features": [
             {"table": "ent_weather", "columns": ["temp"], "event_time": "obs_time", "max_age_s": 3 * 3600,
              "join_keys": {"airport": "origin"}, **weather},
@@ -55,29 +60,29 @@ def by_id(spark, settings, name):
             for r in read_table(spark, settings.table_path(name)).collect()}
 
 
-def test_each_feature_table_joins_on_its_own_entity(spark, flights):
-    built = build_training_set(spark, flights, flight_spec("ent_ts"))
-    assert by_id(spark, flights, "ent_ts") == {
+def test_each_feature_table_joins_on_its_own_entity(spark, flights, engine):
+    built = build_training_set(spark, flights, flight_spec(f"ent_ts_{engine}", engine))
+    assert by_id(spark, flights, f"ent_ts_{engine}") == {
         1: (20.0, 0.1),    # JFK weather at 9h (the 10.5h row is after departure); AA's delays
         2: (21.0, 0.4),    # JFK at 10.5h is 3 h old: within the max age; DL's newest row
         3: (None, 0.1),    # LAX's only row is 5 h old: older than 3 h
         4: (15.0, None),   # DL's rows are > 7 days old at 200 h
     }
-    manifest = load_manifest(flights, "ent_ts", built.version)
+    manifest = load_manifest(flights, f"ent_ts_{engine}", built.version)
     refs = manifest["spec"]["features"]
     assert refs[0]["join_keys"] == {"airport": "origin"} and refs[1]["join_keys"] == {"carrier": "carrier"}
     assert manifest["hash_version"] == 2
 
 
-def test_a_feature_table_keyed_by_another_entity_is_never_matched_by_position(spark, flights):
+def test_a_feature_table_keyed_by_another_entity_is_never_matched_by_position(spark, flights, engine):
     """Before per-table join keys, `entity_keys: [carrier]` was compared with the labels' first key
     (flight_id here) by position: 100% null features, no error."""
     spec = TrainingSetSpec.parse({
-        "name": "ent_positional", "labels": "ent_flights", "entity_keys": ["origin"], "event_time": "dep_time",
+        "name": f"ent_positional_{engine}", "engine": engine, "labels": "ent_flights", "entity_keys": ["origin"], "event_time": "dep_time",
         "features": [{"table": "ent_carrier", "columns": ["delay_avg"], "event_time": "day",
                       "entity_keys": ["carrier"]}]})
     build_training_set(spark, flights, spec)
-    assert by_id(spark, flights, "ent_positional") == {1: (None, 0.1), 2: (None, 0.4), 3: (None, 0.1),
+    assert by_id(spark, flights, f"ent_positional_{engine}") == {1: (None, 0.1), 2: (None, 0.4), 3: (None, 0.1),
                                                        4: (None, 0.4)}
 
 
@@ -86,9 +91,9 @@ def test_a_feature_table_keyed_by_another_entity_is_never_matched_by_position(sp
     ({"join_keys": {"airport": "flight_id"}},
      "key 'airport' is string but the label column 'flight_id' it joins on is int"),
 ])
-def test_joins_that_can_never_match_are_refused_before_anything_is_written(spark, flights, weather, message):
+def test_joins_that_can_never_match_are_refused_before_anything_is_written(spark, flights, weather, message, engine):
     with pytest.raises(DataQualityError) as err:
-        build_training_set(spark, flights, flight_spec("ent_refused", **weather))
+        build_training_set(spark, flights, flight_spec("ent_refused", engine, **weather))
     assert message in err.value.headline and "ent_weather" in err.value.headline
     assert not os.path.exists(flights.table_path("ent_refused"))
 
@@ -99,7 +104,7 @@ def test_a_build_that_fails_while_writing_leaves_no_trace(spark, flights):
     write_table(spark.createDataFrame([("JFK", "not a time", 1.0)], "airport string, obs_time string, temp double"),
                 flights.table_path("ent_bad_time"))
     spec = TrainingSetSpec.parse({
-        "name": "ent_failed", "labels": "ent_flights", "entity_keys": ["flight_id"], "event_time": "dep_time",
+        "name": "ent_failed", "engine": "spark", "labels": "ent_flights", "entity_keys": ["flight_id"], "event_time": "dep_time",
         "features": [{"table": "ent_bad_time", "columns": ["temp"], "event_time": "obs_time",
                       "join_keys": {"airport": "origin"}}]})
     with pytest.raises(Exception, match="(?i)cast"):
@@ -109,6 +114,10 @@ def test_a_build_that_fails_while_writing_leaves_no_trace(spark, flights):
         read_table(spark, flights.table_path("ent_failed"))
     # The name is free: the corrected spec builds into it.
     assert build_training_set(spark, flights, flight_spec("ent_failed")).version == 0
+    # The duckdb engine joins on timestamps and dates only: forcing it is refused up front, naming the setting.
+    with pytest.raises(ConfigError, match=r"engine duckdb cannot build it: ent_bad_time.obs_time is string"):
+        build_training_set(spark, flights, spec.model_copy(update={"name": "ent_failed_duckdb", "engine": "duckdb"}))
+    assert not os.path.exists(flights.table_path("ent_failed_duckdb"))
 
 
 def test_content_hash_tells_where_the_nulls_are(spark):
@@ -119,36 +128,36 @@ def test_content_hash_tells_where_the_nulls_are(spark):
     assert content_hash(left) == content_hash(spark.createDataFrame([("x", None)], "a string, b string"))
 
 
-def test_ties_between_rows_that_differ_only_in_null_positions_are_broken_by_content(spark, settings):
+def test_ties_between_rows_that_differ_only_in_null_positions_are_broken_by_content(spark, settings, engine):
     """Two feature rows at the same key and time, (x, NULL) and (NULL, x): the old tie hash skipped
     nulls, so both hashed alike and the winner depended on arrival order."""
     write_table(spark.createDataFrame([(1, at(1))], "k long, t timestamp"), settings.table_path("tie_labels"))
-    spec = TrainingSetSpec.parse({"name": "tie_ts", "labels": "tie_labels", "entity_keys": ["k"], "event_time": "t",
+    spec = TrainingSetSpec.parse({"name": f"tie_ts_{engine}", "engine": engine, "labels": "tie_labels", "entity_keys": ["k"], "event_time": "t",
                                   "features": [{"table": "tie_feats", "columns": ["a", "b"]}]})
     winners = set()
     for rows in ([(1, at(0), "x", None), (1, at(0), None, "x")], [(1, at(0), None, "x"), (1, at(0), "x", None)]):
         write_table(spark.createDataFrame(rows, "k long, t timestamp, a string, b string").coalesce(1),
                     settings.table_path("tie_feats"))
         build_training_set(spark, settings, spec)
-        row = read_table(spark, settings.table_path("tie_ts")).first()
+        row = read_table(spark, settings.table_path(f"tie_ts_{engine}")).first()
         winners.add((row.a, row.b))
     assert len(winners) == 1
 
 
-def test_rebuild_compares_before_it_commits(spark, flights):
-    built = build_training_set(spark, flights, flight_spec("ent_rebuild"))
-    manifest = load_manifest(flights, "ent_rebuild", built.version)
+def test_rebuild_compares_before_it_commits(spark, flights, engine):
+    built = build_training_set(spark, flights, flight_spec(f"ent_rebuild_{engine}", engine))
+    manifest = load_manifest(flights, f"ent_rebuild_{engine}", built.version)
     same = rebuild_training_set(spark, flights, manifest)
     assert same.content_hash == built.content_hash and same.version == built.version + 1
 
     tampered = {**manifest, "content_hash": "4-" + "0" * 64}  # as if an input had been rewritten
     with pytest.raises(DataQualityError, match="nothing was written"):
         rebuild_training_set(spark, flights, tampered)
-    assert table_version(spark, flights.table_path("ent_rebuild")) == same.version  # the latest is untouched
+    assert table_version(spark, flights.table_path(f"ent_rebuild_{engine}")) == same.version  # untouched
 
-    with pytest.raises(DataQualityError, match=r"rebuilt rows are in ent_rebuild_check@0"):
-        rebuild_training_set(spark, flights, tampered, name="ent_rebuild_check")
-    assert content_hash(read_table(spark, flights.table_path("ent_rebuild_check"))) == built.content_hash
+    with pytest.raises(DataQualityError, match=rf"rebuilt rows are in ent_rebuild_check_{engine}@0"):
+        rebuild_training_set(spark, flights, tampered, name=f"ent_rebuild_check_{engine}")
+    assert content_hash(read_table(spark, flights.table_path(f"ent_rebuild_check_{engine}"))) == built.content_hash
 
 
 def test_manifests_from_before_join_keys_still_rebuild(spark, settings):
@@ -179,7 +188,7 @@ def test_one_very_frequent_key_is_refused_with_its_name_and_count(spark, setting
     write_table(labels, settings.table_path("hot_labels"))
     write_table(spark.range(50).selectExpr("'unknown' as device", "timestamp '2026-03-01 09:00:00' as t",
                                            "cast(id as double) as v"), settings.table_path("hot_feats"))
-    spec = TrainingSetSpec.parse({"name": "hot_ts", "labels": "hot_labels", "entity_keys": ["device"],
+    spec = TrainingSetSpec.parse({"name": "hot_ts", "engine": "spark", "labels": "hot_labels", "entity_keys": ["device"],
                                   "event_time": "t", "features": [{"table": "hot_feats", "columns": ["v"]}]})
     with pytest.raises(DataQualityError) as err:
         build_training_set(spark, settings, spec, max_partition_rows=100)
@@ -188,7 +197,7 @@ def test_one_very_frequent_key_is_refused_with_its_name_and_count(spark, setting
     assert build_training_set(spark, settings, spec, max_partition_rows=1000).rows == 300
 
 
-def test_flights_imported_from_files_match_an_independent_as_of_join(spark, settings, tmp_path):
+def test_flights_imported_from_files_match_an_independent_as_of_join(spark, settings, tmp_path_factory):
     """The issue's case end to end: CSV, JSON and parquet sources imported with `tables import`'s
     function, two entities on each flight (origin airport, carrier), max ages of 3 hours and 7 days,
     checked value by value against pandas merge_asof on the same generated frames."""
@@ -201,18 +210,19 @@ def test_flights_imported_from_files_match_an_independent_as_of_join(spark, sett
     from tests.flights_data import flights_frames, write_flights_sources
 
     seed, n = 11, 3000
-    sources = write_flights_sources(tmp_path, seed=seed, n_flights=n)
+    sources = write_flights_sources(tmp_path_factory.mktemp("flights"), seed=seed, n_flights=n)
     for table, key in [("fl_flights", "flights"), ("fl_weather", "weather"), ("fl_carrier_daily", "carrier_daily")]:
         import_table(spark, settings, table, str(sources[key]))
-    built = build_training_set(spark, settings, TrainingSetSpec.parse({
-        "name": "fl_training_set", "labels": "fl_flights", "entity_keys": ["flight_id"], "event_time": "dep_time",
+    spec = {"labels": "fl_flights", "entity_keys": ["flight_id"], "event_time": "dep_time",
         "features": [
             {"table": "fl_weather", "columns": ["temp", "wind"], "event_time": "obs_time", "max_age_s": 3 * 3600,
              "join_keys": {"airport": "origin"}},
             {"table": "fl_carrier_daily", "columns": ["delay_avg"], "event_time": "day", "max_age_s": 7 * 86400,
              "entity_keys": ["carrier"]},
-        ]}))
-    assert built.rows == n
+        ]}
+    built = {engine: build_training_set(spark, settings, TrainingSetSpec.parse(
+        {"name": f"fl_training_set_{engine}", "engine": engine, **spec})) for engine in ("spark", "duckdb")}
+    assert built["spark"].rows == n and built["spark"].content_hash == built["duckdb"].content_hash
 
     flights, weather, daily = flights_frames(seed, n)
     expected = pd.merge_asof(flights.sort_values("dep_time"), weather.sort_values("obs_time"), left_on="dep_time",
@@ -221,7 +231,7 @@ def test_flights_imported_from_files_match_an_independent_as_of_join(spark, sett
     expected = pd.merge_asof(expected.sort_values("dep_time"), daily.sort_values("day"), left_on="dep_time",
                              right_on="day", by="carrier", tolerance=pd.Timedelta(days=7), direction="backward")
     want = {int(r.flight_id): (r.temp, r.wind, r.delay_avg) for r in expected.itertuples()}
-    ours = DeltaTable(settings.table_path("fl_training_set")).to_pandas(
+    ours = DeltaTable(settings.table_path("fl_training_set_duckdb")).to_pandas(
         columns=["flight_id", "temp", "wind", "delay_avg"])
     got = {int(r.flight_id): (r.temp, r.wind, r.delay_avg) for r in ours.itertuples()}
     assert got.keys() == want.keys()

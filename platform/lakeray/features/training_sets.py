@@ -19,7 +19,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -32,8 +32,8 @@ if TYPE_CHECKING:
 
     from lakeray.config import Settings
 
-__all__ = ["FeatureRef", "TrainingSetSpec", "TrainingSetResult", "build_training_set", "load_manifest",
-           "rebuild_training_set", "manifest_dir"]
+__all__ = ["FeatureRef", "TrainingSetSpec", "TrainingSetResult", "build_training_set", "choose_engine",
+           "load_manifest", "rebuild_training_set", "manifest_dir"]
 
 
 class FeatureRef(BaseModel):
@@ -70,6 +70,8 @@ class TrainingSetSpec(BaseModel):
                                    "join keys of feature refs that declare none).")
     event_time: str
     features: list[FeatureRef] = Field(min_length=1)
+    engine: Literal["auto", "duckdb", "spark"] | None = Field(
+        None, description="Join engine for this set (default: the profile's training_sets.engine).")
 
     @classmethod
     def parse(cls, data: dict[str, Any], where: str = "training-set spec") -> TrainingSetSpec:
@@ -89,16 +91,18 @@ class TrainingSetResult:
     inputs: dict[str, int]
     manifest_path: str
     seconds: float
+    engine: str = "spark"
 
 
 def manifest_dir(settings: Settings, name: str) -> Path:
     return Path(settings.storage_root, "_manifests", name)
 
 
-def _pin(spark: SparkSession, settings: Settings, table: str, version: int | None) -> int:
-    from lakeray.lakehouse.delta import table_version
+def _pin(spark: SparkSession | None, settings: Settings, table: str, version: int | None) -> int:
+    from lakeray.lakehouse.delta import latest_version, table_version
 
-    latest = table_version(spark, settings.table_path(table))
+    path = settings.table_path(table)
+    latest = table_version(spark, path) if spark is not None else latest_version(path)
     if version is None:
         return latest
     if version > latest:
@@ -107,7 +111,7 @@ def _pin(spark: SparkSession, settings: Settings, table: str, version: int | Non
     return version
 
 
-def _resolved(spark: SparkSession, settings: Settings, spec: TrainingSetSpec) -> TrainingSetSpec:
+def _resolved(spark: SparkSession | None, settings: Settings, spec: TrainingSetSpec) -> TrainingSetSpec:
     """The spec with every version pinned and every key/time column and join key filled in."""
     from lakeray.features.runner import discover_jobs
 
@@ -178,27 +182,9 @@ def _spark_action(action: Callable[[], Any]) -> Any:
         raise
 
 
-def _commit(spark: SparkSession, settings: Settings, pinned: TrainingSetSpec, joined: DataFrame,
-            hash_version: int, started: float, digest: str | None = None,
-            extra: dict[str, Any] | None = None) -> TrainingSetResult:
-    """Write ``joined`` as one commit of ``pinned.name`` and its manifest. The content hash is
-    ``digest`` when the caller already has it, else observed during the write itself (one pass)."""
-    from lakeray.lakehouse.delta import read_table, table_rows, write_table
-    from lakeray.lakehouse.pit import content_hash, observed_content_hash
-
-    observed_digest = None
-    if digest is None:
-        joined, observed_digest = observed_content_hash(joined, hash_version)
-    inputs = {pinned.labels: pinned.labels_version, **{r.table: r.version for r in pinned.features}}
-    meta = {"training_set": pinned.name, "inputs": inputs, "build_id": uuid.uuid4().hex}
-    path = settings.table_path(pinned.name)
-    version = _spark_action(lambda: write_table(joined, path, user_metadata=json.dumps(meta)))
-    if observed_digest is not None:
-        digest = observed_digest()
-        committed = table_rows(path, version)
-        if digest is None or (committed is not None and int(digest.split("-", 1)[0]) != committed):
-            # A retried task can add its rows to the observed sums twice: hash what was committed instead.
-            digest = content_hash(read_table(spark, path, version), hash_version)
+def _write_manifest(settings: Settings, pinned: TrainingSetSpec, version: int, digest: str, hash_version: int,
+                    engine: str, started: float, extra: dict[str, Any] | None = None) -> TrainingSetResult:
+    inputs = _inputs(pinned)
     rows = int(digest.split("-", 1)[0])
     manifest = {
         "training_set": pinned.name,
@@ -206,6 +192,7 @@ def _commit(spark: SparkSession, settings: Settings, pinned: TrainingSetSpec, jo
         "rows": rows,
         "content_hash": digest,
         "hash_version": hash_version,
+        "engine": engine,
         "inputs": inputs,
         "spec": pinned.model_dump(mode="json"),
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -217,19 +204,161 @@ def _commit(spark: SparkSession, settings: Settings, pinned: TrainingSetSpec, jo
     tmp = target.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(manifest, indent=2) + "\n")
     os.replace(tmp, target)  # a reader never sees half a manifest
-    return TrainingSetResult(pinned.name, version, rows, digest, inputs, str(target), time.perf_counter() - started)
+    return TrainingSetResult(pinned.name, version, rows, digest, inputs, str(target), time.perf_counter() - started,
+                             engine)
 
 
-def build_training_set(spark: SparkSession, settings: Settings, spec: TrainingSetSpec,
+def _inputs(pinned: TrainingSetSpec) -> dict[str, int]:
+    return {pinned.labels: pinned.labels_version, **{r.table: r.version for r in pinned.features}}
+
+
+def _metadata(pinned: TrainingSetSpec, engine: str) -> str:
+    return json.dumps({"training_set": pinned.name, "inputs": _inputs(pinned), "engine": engine,
+                       "build_id": uuid.uuid4().hex})
+
+
+def _commit(spark: SparkSession, settings: Settings, pinned: TrainingSetSpec, joined: DataFrame,
+            hash_version: int, started: float, digest: str | None = None,
+            extra: dict[str, Any] | None = None) -> TrainingSetResult:
+    """Write ``joined`` (Spark) as one commit of ``pinned.name`` and its manifest. The content hash is
+    ``digest`` when the caller already has it, else observed during the write itself (one pass)."""
+    from lakeray.lakehouse.delta import read_table, table_rows, write_table
+    from lakeray.lakehouse.pit import content_hash, observed_content_hash
+
+    observed_digest = None
+    if digest is None:
+        joined, observed_digest = observed_content_hash(joined, hash_version)
+    path = settings.table_path(pinned.name)
+    meta = _metadata(pinned, "spark")
+    version = _spark_action(lambda: write_table(joined, path, user_metadata=meta))
+    if observed_digest is not None:
+        digest = observed_digest()
+        committed = table_rows(path, version)
+        if digest is None or (committed is not None and int(digest.split("-", 1)[0]) != committed):
+            # A retried task can add its rows to the observed sums twice: hash what was committed instead.
+            digest = content_hash(read_table(spark, path, version), hash_version)
+    return _write_manifest(settings, pinned, version, digest, hash_version, "spark", started, extra)
+
+
+# --- the DuckDB engine (in process, no JVM) -------------------------------------------------------------
+
+
+def _machine_memory_mb() -> int:
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20)
+
+
+def _duckdb_unsupported(settings: Settings, pinned: TrainingSetSpec) -> str | None:
+    """Why the duckdb engine cannot build this pinned spec (read from the Delta logs only), or None."""
+    from lakeray.lakehouse.delta import read_arrow
+    from lakeray.lakehouse.pit_duckdb import spark_type_name, supported_time_type
+
+    if "://" in settings.storage_root:
+        return f"storage.root {settings.storage_root} is an object store (the duckdb engine reads local tables)"
+    checks = [(pinned.labels, pinned.labels_version, pinned.event_time),
+              *[(r.table, r.version, r.event_time) for r in pinned.features]]
+    for table, version, time_col in checks:
+        schema = read_arrow(settings.table_path(table), version, files=[]).schema
+        if time_col in schema.names and not supported_time_type(schema.field(time_col).type):
+            return (f"{table}.{time_col} is {spark_type_name(schema.field(time_col).type)} (the duckdb engine "
+                    "joins on timestamp or date event times)")
+    return None
+
+
+def _input_mb(settings: Settings, pinned: TrainingSetSpec) -> float:
+    from lakeray.lakehouse.delta import table_bytes
+
+    pins = [(pinned.labels, pinned.labels_version), *[(r.table, r.version) for r in pinned.features]]
+    return sum(table_bytes(settings.table_path(t), v) for t, v in pins) / 2**20
+
+
+def choose_engine(settings: Settings, spec: TrainingSetSpec) -> tuple[str, str]:
+    """The engine a build of ``spec`` uses, and why: the spec's own ``engine``, else the profile's
+    ``training_sets.engine``; ``auto`` is duckdb for a local profile whose pinned inputs are at most
+    ``duckdb_max_input_mb`` of Delta files, else spark. Reads only Delta logs (no JVM).
+
+    A forced ``duckdb`` that cannot run (object-store tables, event times that are not timestamps or
+    dates) is a ConfigError naming the setting, raised before anything is read or written."""
+    cfg = settings.profile.training_sets
+    wanted = spec.engine or cfg.engine
+    if wanted == "spark":
+        return "spark", "engine: spark"
+    local = settings.profile.spark.master.startswith("local") and "://" not in settings.storage_root
+    if wanted == "auto" and not local:
+        return "spark", "auto: the profile is not local"
+    pinned = _resolved(None, settings, spec)
+    why_not = _duckdb_unsupported(settings, pinned)
+    if wanted == "duckdb":
+        if why_not:
+            raise ConfigError(f"training set {spec.name!r}: engine duckdb cannot build it: {why_not}",
+                              "set engine: spark (or auto) in the spec or training_sets.engine in the profile")
+        return "duckdb", "engine: duckdb"
+    if why_not:
+        return "spark", f"auto: {why_not}"
+    limit = cfg.duckdb_max_input_mb or _machine_memory_mb() // 8
+    size = _input_mb(settings, pinned)
+    if size > limit:
+        return "spark", f"auto: inputs {size:,.0f} MiB > duckdb_max_input_mb {limit:,}"
+    return "duckdb", f"auto: local inputs of {size:,.0f} MiB <= {limit:,} MiB"
+
+
+def _duckdb_joined(settings: Settings, pinned: TrainingSetSpec, hash_version: int):
+    """The point-in-time join of a pinned spec as an Arrow table, in DuckDB."""
+    from lakeray.lakehouse.delta import read_arrow
+    from lakeray.lakehouse.pit_duckdb import ArrowSource, point_in_time_join_arrow
+
+    labels = read_arrow(settings.table_path(pinned.labels), pinned.labels_version)
+    sources = []
+    for ref in pinned.features:
+        wanted = list(dict.fromkeys([*ref.entity_keys, ref.event_time, *ref.columns]))
+        path = settings.table_path(ref.table)
+        have = read_arrow(path, ref.version, files=[]).schema.names
+        # Missing columns are reported by the join's checks, with the Spark engine's words.
+        table = read_arrow(path, ref.version, columns=[c for c in wanted if c in have])
+        sources.append(ArrowSource(ref.table, table, tuple(ref.entity_keys), ref.event_time, tuple(ref.columns),
+                                   ref.max_age_s, tuple(ref.join_keys[k] for k in ref.entity_keys)))
+    cfg = settings.profile.training_sets
+    spill = f"{settings.storage_root}/_tmp/duckdb"
+    Path(spill).mkdir(parents=True, exist_ok=True)
+    return point_in_time_join_arrow(labels, pinned.entity_keys, pinned.event_time, sources, hash_version,
+                                    memory_limit_mb=cfg.duckdb_memory_limit_mb or _machine_memory_mb() // 2,
+                                    temp_dir=spill)
+
+
+def _duckdb_commit(settings: Settings, pinned: TrainingSetSpec, table, digest: str, hash_version: int,
+                   started: float, extra: dict[str, Any] | None = None) -> TrainingSetResult:
+    from lakeray.lakehouse.delta import write_arrow
+
+    version = write_arrow(table, settings.table_path(pinned.name), _metadata(pinned, "duckdb"))
+    return _write_manifest(settings, pinned, version, digest, hash_version, "duckdb", started, extra)
+
+
+def build_training_set(spark: SparkSession | None, settings: Settings, spec: TrainingSetSpec,
                        max_partition_rows: int | None = None) -> TrainingSetResult:
     """Pin, join, write one commit, write the manifest. Bad specs fail before anything is written, and
-    a failed build leaves no trace of a table that did not exist before."""
+    a failed build leaves no trace of a table that did not exist before.
+
+    The engine is :func:`choose_engine`'s; ``spark`` may be None when it is duckdb (then no JVM starts).
+    """
     from lakeray.lakehouse.pit import HASH_VERSION
 
     started = time.perf_counter()
-    pinned = _resolved(spark, settings, spec)
+    engine, _ = choose_engine(settings, spec)
+    if engine == "duckdb":
+        from lakeray.lakehouse.arrow_hash import content_hash
+
+        pinned = _resolved(None, settings, spec)
+        table = _duckdb_joined(settings, pinned, HASH_VERSION)
+        return _duckdb_commit(settings, pinned, table, content_hash(table, HASH_VERSION), HASH_VERSION, started)
+    pinned = _resolved(_need_spark(spark, spec), settings, spec)
     joined = _joined(spark, settings, pinned, HASH_VERSION, max_partition_rows)
     return _commit(spark, settings, pinned, joined, HASH_VERSION, started)
+
+
+def _need_spark(spark: SparkSession | None, spec: TrainingSetSpec) -> SparkSession:
+    if spark is None:
+        raise ConfigError(f"training set {spec.name!r} is built by the spark engine, and no Spark session was given",
+                          "pass a session from lakeray.lakehouse.spark.create_spark_session (or use engine: duckdb)")
+    return spark
 
 
 def load_manifest(settings: Settings, name: str, version: int | None = None) -> dict[str, Any]:
@@ -258,35 +387,49 @@ def _manifest_spec(manifest: dict[str, Any]) -> tuple[TrainingSetSpec, int]:
     return spec, hash_version
 
 
-def rebuild_training_set(spark: SparkSession, settings: Settings, manifest: dict[str, Any],
-                         name: str | None = None) -> TrainingSetResult:
+def rebuild_training_set(spark: SparkSession | None, settings: Settings, manifest: dict[str, Any],
+                         name: str | None = None, engine: str | None = None) -> TrainingSetResult:
     """Replay a manifest (every version pinned) and check the rows are the same, bit for bit.
 
     The content hash is compared *before* anything is committed: identical rows become a new version
     of the training set (or of ``name``); different rows raise DataQualityError and the training set
     is left as it was. With ``name`` the rebuilt rows are written there either way, so they can be
-    compared with the original (the error then says where they are).
+    compared with the original (the error then says where they are). ``engine`` (default: the profile's
+    choice, which need not be the engine that built the original) gives the same hash on either engine.
     """
-    from pyspark import StorageLevel
-
-    from lakeray.lakehouse.pit import content_hash
-
     started = time.perf_counter()
     spec, hash_version = _manifest_spec(manifest)
     original = f"{spec.name}@{manifest['version']}"
-    pinned = _resolved(spark, settings, spec.model_copy(update={"name": name or spec.name}))
-    # Hash first, then commit from the same cached rows: the join runs once.
-    joined = _joined(spark, settings, pinned, hash_version, None).persist(StorageLevel.MEMORY_AND_DISK)
-    try:
-        digest = _spark_action(lambda: content_hash(joined, hash_version))
+    target = spec.model_copy(update={"name": name or spec.name, "engine": engine or spec.engine})
+    chosen, _ = choose_engine(settings, target)
+    rebuild_of = {"rebuild_of": {"training_set": spec.name, "version": manifest["version"]}}
+    written = None
+    if chosen == "duckdb":
+        from lakeray.lakehouse.arrow_hash import content_hash as arrow_content_hash
+
+        pinned = _resolved(None, settings, target)
+        table = _duckdb_joined(settings, pinned, hash_version)
+        digest = arrow_content_hash(table, hash_version)
         identical = digest == manifest["content_hash"]
-        written = None
+        rebuild_of["rebuild_of"]["identical"] = identical
         if identical or name:
-            written = _commit(spark, settings, pinned, joined, hash_version, started, digest,
-                              extra={"rebuild_of": {"training_set": spec.name, "version": manifest["version"],
-                                                    "identical": identical}})
-    finally:
-        joined.unpersist()
+            written = _duckdb_commit(settings, pinned, table, digest, hash_version, started, rebuild_of)
+    else:
+        from pyspark import StorageLevel
+
+        from lakeray.lakehouse.pit import content_hash
+
+        pinned = _resolved(_need_spark(spark, target), settings, target)
+        # Hash first, then commit from the same cached rows: the join runs once.
+        joined = _joined(spark, settings, pinned, hash_version, None).persist(StorageLevel.MEMORY_AND_DISK)
+        try:
+            digest = _spark_action(lambda: content_hash(joined, hash_version))
+            identical = digest == manifest["content_hash"]
+            rebuild_of["rebuild_of"]["identical"] = identical
+            if identical or name:
+                written = _commit(spark, settings, pinned, joined, hash_version, started, digest, rebuild_of)
+        finally:
+            joined.unpersist()
     if not identical:
         where = (f"; the rebuilt rows are in {written.table}@{written.version} to compare" if written else
                  f"; nothing was written, {spec.name} is unchanged")

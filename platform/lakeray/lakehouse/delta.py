@@ -11,7 +11,7 @@ if TYPE_CHECKING:
     import pyarrow as pa
     from pyspark.sql import DataFrame, SparkSession
 
-__all__ = ["write_table", "merge_table", "table_version", "table_exists", "table_history", "read_table", "read_arrow",
+__all__ = ["write_table", "write_arrow", "latest_version", "table_bytes", "merge_table", "table_version", "table_exists", "table_history", "read_table", "read_arrow",
            "table_files", "version_at", "vacuum_table", "table_rows", "iter_batches", "head_arrow"]
 
 
@@ -335,3 +335,39 @@ def vacuum_table(spark: SparkSession, path: str, retain_hours: float, dry_run: b
     if files and not dry_run:
         DeltaTable.forPath(session, path).vacuum(float(hours))
     return files
+
+
+def latest_version(path: str) -> int:
+    """Latest committed version, read without a JVM (delta-rs); TableNotFoundError when there is none."""
+    return int(_open(path, None).version())
+
+
+def table_bytes(path: str, version: int | None = None) -> int:
+    """Total size of the data files of a version, from the log (no data read)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    sizes = pa.table(_open(path, version).get_add_actions(flatten=True)).column("size_bytes")
+    return int(pc.sum(sizes).as_py() or 0)
+
+
+def write_arrow(table: pa.Table, path: str, user_metadata: str) -> int:
+    """Write ``table`` as one overwrite commit of the Delta table at ``path`` without a JVM (delta-rs),
+    replacing rows and schema; returns this commit's version (found by its ``user_metadata``, unique per
+    write, as :func:`write_table` does). A failed first write leaves no folder behind."""
+    import os
+    import shutil
+
+    from deltalake import CommitProperties, DeltaTable, write_deltalake
+
+    fresh = "://" not in path and not os.path.exists(path)
+    try:
+        write_deltalake(path, table, mode="overwrite", schema_mode="overwrite",
+                        commit_properties=CommitProperties(custom_metadata={"userMetadata": user_metadata}))
+    except BaseException:
+        if fresh and not os.path.isdir(os.path.join(path, "_delta_log")):
+            shutil.rmtree(path, ignore_errors=True)
+        raise
+    history = DeltaTable(path).history(16)
+    mine = [int(c["version"]) for c in history if c.get("userMetadata") == user_metadata]
+    return max(mine) if mine else latest_version(path)

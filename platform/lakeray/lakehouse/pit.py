@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
     from pyspark.sql import Column, DataFrame
 
-__all__ = ["FeatureSource", "content_hash", "observed_content_hash", "point_in_time_join", "row_hash",
+__all__ = ["FeatureSource", "SourceShape", "plan_output", "content_hash", "observed_content_hash", "point_in_time_join", "row_hash",
            "worker_error", "HASH_VERSION", "MAX_PARTITION_ROWS"]
 
 # 2: null-aware row hashes (2026-11-28). 1: Spark's xxhash64, which skips nulls, so (x, NULL) and
@@ -62,11 +62,73 @@ class FeatureSource:
         return tuple(self.label_keys) if self.label_keys else tuple(self.entity_keys)
 
 
-def _check(name: str, df: DataFrame, columns: list[str], what: str) -> None:
-    missing = [c for c in columns if c not in df.columns]
+_INTEGRAL = frozenset({"tinyint", "smallint", "int", "bigint"})
+
+
+@dataclass(frozen=True)
+class SourceShape:
+    """What the checks need to know of one feature table, engine-neutral: column → Spark type name."""
+
+    name: str
+    types: dict[str, str]
+    entity_keys: tuple[str, ...]
+    event_time: str
+    columns: tuple[str, ...]
+    joins_on: tuple[str, ...]
+
+
+def _check(name: str, have: list[str], columns: list[str], what: str) -> None:
+    missing = [c for c in columns if c not in have]
     if missing:
-        raise DataQualityError(f"{what} {name!r} has no column(s) {missing} (has: {', '.join(df.columns)})",
+        raise DataQualityError(f"{what} {name!r} has no column(s) {missing} (has: {', '.join(have)})",
                                "fix the training-set spec; nothing was written")
+
+
+def plan_output(label_types: dict[str, str], label_keys: list[str], label_time: str,
+                sources: list[SourceShape]) -> list[list[str]]:
+    """Check a join against the columns and types of its inputs (Spark type names, e.g. ``bigint``) and
+    name its output columns, one list per source: the feature's own name, or ``<table>__<column>`` when
+    that name is taken. Every engine runs these checks, so each refuses the same specs, with the same
+    words, before any data is read."""
+    _check("labels", list(label_types), [*label_keys, label_time], "the labels/events table")
+    taken = set(label_types)
+    clash = sorted(taken & {"__kind", "__ts", "__tie"} | {c for c in taken if c.startswith(("__k", "__v"))})
+    if clash:
+        raise DataQualityError(f"the labels/events table has reserved column name(s) {clash}",
+                               "rename them (names starting with __ are lakeray's); nothing was written")
+    names_of = []
+    for src in sources:
+        _check(src.name, list(src.types), [*src.entity_keys, src.event_time, *src.columns], "feature table")
+        on = src.joins_on
+        if len(on) != len(src.entity_keys):
+            raise DataQualityError(f"feature table {src.name!r} has keys {list(src.entity_keys)} but joins on "
+                                   f"label column(s) {list(on)}", "map every key of the feature table to one "
+                                   "label column in join_keys; nothing was written")
+        absent = [c for c in on if c not in label_types]
+        if absent:
+            raise DataQualityError(
+                f"feature table {src.name!r} joins on label column(s) {absent}, which the labels/events table "
+                f"does not have (has: {', '.join(label_types)})",
+                f"map {src.name}'s keys to label columns: join_keys: {{{src.entity_keys[0]}: <label column>}} "
+                "in its feature ref; nothing was written")
+        for feature_key, label_key in zip(src.entity_keys, on, strict=True):
+            left, right = src.types[feature_key], label_types[label_key]
+            if left != right and not (left in _INTEGRAL and right in _INTEGRAL):
+                raise DataQualityError(
+                    f"feature table {src.name!r} key {feature_key!r} is {left} but the label column "
+                    f"{label_key!r} it joins on is {right}: they can never be equal",
+                    "map it to a label column of the same type (join_keys), or cast one of them in its job; "
+                    "nothing was written")
+        names = []
+        for col in src.columns:
+            name = col if col not in taken else f"{src.name}__{col}"
+            if name in taken:
+                raise DataQualityError(f"feature column {col!r} of {src.name!r} collides with another column",
+                                       "request it once, or rename it in the feature job")
+            taken.add(name)
+            names.append(name)
+        names_of.append(names)
+    return names_of
 
 
 def _null_masks(names: list[str]) -> list[Column]:
@@ -98,12 +160,6 @@ def row_hash(names: list[str], hash_version: int = HASH_VERSION, seed: str | Non
     return F.xxhash64(*salt, *_null_masks(names), *cols)
 
 
-def _key_types_compatible(left, right) -> bool:
-    from pyspark.sql.types import IntegralType
-
-    return left == right or (isinstance(left, IntegralType) and isinstance(right, IntegralType))
-
-
 def point_in_time_join(labels: DataFrame, label_keys: list[str], label_time: str,
                        sources: list[FeatureSource], partitions: int | None = None,
                        hash_version: int = HASH_VERSION,
@@ -118,44 +174,15 @@ def point_in_time_join(labels: DataFrame, label_keys: list[str], label_time: str
     """
     from pyspark.sql.types import StructField
 
-    _check("labels", labels, [*label_keys, label_time], "the labels/events table")
-    taken = set(labels.columns)
-    clash = sorted(taken & {"__kind", "__ts", "__tie"} | {c for c in taken if c.startswith(("__k", "__v"))})
-    if clash:
-        raise DataQualityError(f"the labels/events table has reserved column name(s) {clash}",
-                               "rename them (names starting with __ are lakeray's); nothing was written")
-    out_fields: list[list[StructField]] = []
-    for src in sources:
-        _check(src.name, src.df, [*src.entity_keys, src.event_time, *src.columns], "feature table")
-        on = src.joins_on
-        if len(on) != len(src.entity_keys):
-            raise DataQualityError(f"feature table {src.name!r} has keys {list(src.entity_keys)} but joins on "
-                                   f"label column(s) {list(on)}", "map every key of the feature table to one "
-                                   "label column in join_keys; nothing was written")
-        absent = [c for c in on if c not in labels.columns]
-        if absent:
-            raise DataQualityError(
-                f"feature table {src.name!r} joins on label column(s) {absent}, which the labels/events table "
-                f"does not have (has: {', '.join(labels.columns)})",
-                f"map {src.name}'s keys to label columns: join_keys: {{{src.entity_keys[0]}: <label column>}} "
-                "in its feature ref; nothing was written")
-        for feature_key, label_key in zip(src.entity_keys, on, strict=True):
-            left, right = src.df.schema[feature_key].dataType, labels.schema[label_key].dataType
-            if not _key_types_compatible(left, right):
-                raise DataQualityError(
-                    f"feature table {src.name!r} key {feature_key!r} is {left.simpleString()} but the label column "
-                    f"{label_key!r} it joins on is {right.simpleString()}: they can never be equal",
-                    "map it to a label column of the same type (join_keys), or cast one of them in its job; "
-                    "nothing was written")
-        fields = []
-        for col in src.columns:
-            name = col if col not in taken else f"{src.name}__{col}"
-            if name in taken:
-                raise DataQualityError(f"feature column {col!r} of {src.name!r} collides with another column",
-                                       "request it once, or rename it in the feature job")
-            taken.add(name)
-            fields.append(StructField(name, src.df.schema[col].dataType, True))
-        out_fields.append(fields)
+    def types(df: DataFrame) -> dict[str, str]:
+        return {f.name: f.dataType.simpleString() for f in df.schema.fields}
+
+    names_of = plan_output(types(labels), label_keys, label_time, [
+        SourceShape(src.name, types(src.df), tuple(src.entity_keys), src.event_time, tuple(src.columns),
+                    src.joins_on) for src in sources])
+    out_fields = [[StructField(name, src.df.schema[col].dataType, True) for name, col in zip(names, src.columns,
+                                                                                            strict=True)]
+                  for src, names in zip(sources, names_of, strict=True)]
 
     count = partitions or int(labels.sparkSession.conf.get("spark.sql.shuffle.partitions"))
     stages: dict[tuple[str, ...], list[int]] = {}
