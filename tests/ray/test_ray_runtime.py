@@ -43,3 +43,69 @@ def test_shutdown_disconnects_a_connection_lakeray_made_to_a_running_cluster(set
     import ray
 
     assert ray.get(ray.put(7), timeout=60) == 7  # the cluster lakeray only connected to still runs
+
+
+NOISY = '''
+import logging, sys, time
+from pathlib import Path
+import ray
+from lakeray.config import load_settings
+from lakeray.cluster.ray_runtime import start_ray
+
+settings = load_settings(sys.argv[1], "local")
+handle = start_ray(settings)
+
+@ray.remote
+def noisy():
+    import warnings
+    print("WORKER-STDOUT-MARK")
+    print("WORKER-STDERR-MARK", file=sys.stderr)
+    warnings.warn("WORKER-WARNING-MARK")
+    return 1
+
+assert ray.get(noisy.remote(), timeout=120) == 1
+logging.getLogger("ray.data").warning("DRIVER-RAY-LOGGER-MARK")
+deadline = time.time() + 30  # worker lines reach the driver through Ray's log monitor, a little later
+while time.time() < deadline:
+    text = Path(handle.log_file).read_text() if handle.log_file else ""
+    if "WORKER-STDERR-MARK" in text and "WORKER-STDOUT-MARK" in text:
+        break
+    if handle.log_file is None and time.time() > deadline - 25:
+        break
+    time.sleep(0.5)
+print("LOG-FILE:", handle.log_file)
+print("lakeray progress line")
+handle.shutdown()
+'''
+
+
+def _run_noisy(settings, ray_handle, tmp_path, debug: bool):
+    script = tmp_path / "noisy.py"
+    script.write_text(NOISY)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_SERVE_HAPROXY")}
+    env.update(LAKERAY_STORAGE__ROOT=str(tmp_path / "root"), LAKERAY_RAY__ADDRESS=ray_handle.address)
+    env.pop("LAKERAY_DEBUG", None)
+    if debug:
+        env["LAKERAY_DEBUG"] = "1"
+    done = subprocess.run([sys.executable, str(script), str(settings.project_dir / "lakeray.yaml")], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def test_ray_worker_output_goes_to_a_log_file_not_the_terminal(settings, ray_handle, tmp_path):
+    done = _run_noisy(settings, ray_handle, tmp_path, debug=False)
+    terminal = done.stdout + done.stderr
+    assert "lakeray progress line" in done.stdout
+    for mark in ("WORKER-STDOUT-MARK", "WORKER-STDERR-MARK", "WORKER-WARNING-MARK", "DRIVER-RAY-LOGGER-MARK"):
+        assert mark not in terminal, f"{mark} reached the terminal"
+    log_file = done.stdout.split("LOG-FILE: ", 1)[1].split()[0]
+    assert log_file.startswith(str(tmp_path / "root" / "logs" / "ray-"))
+    logged = open(log_file).read()
+    for mark in ("WORKER-STDOUT-MARK", "WORKER-STDERR-MARK", "WORKER-WARNING-MARK", "DRIVER-RAY-LOGGER-MARK"):
+        assert mark in logged, f"{mark} is missing from {log_file}"
+
+
+def test_debug_shows_ray_worker_output_on_the_terminal(settings, ray_handle, tmp_path):
+    done = _run_noisy(settings, ray_handle, tmp_path, debug=True)
+    assert "WORKER-STDOUT-MARK" in done.stdout + done.stderr

@@ -7,16 +7,23 @@ threads are set explicitly per worker, so the extra logical CPUs do not oversubs
 
 Every wait on Ray in lakeray carries a timeout (``ray.op_timeout_s``): a stuck cluster fails, it
 does not hang.
+
+Ray streams its workers' output (warnings, tracebacks of retried waits) to the driver's terminal,
+where it drowns the CLI's progress lines. When lakeray makes the connection, that stream and Ray's
+own driver-side loggers go to ``<storage root>/logs/ray-<timestamp>.log`` instead (``RayHandle.log_file``);
+``--debug`` (``LAKERAY_DEBUG=1``) leaves them on the terminal.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TextIO
 
 from lakeray.errors import ClusterError
 
@@ -78,6 +85,8 @@ class RayHandle:
     fast_proxy: bool
     op_timeout_s: float
     owns_connection: bool = True
+    log_file: str | None = None  # where Ray's worker output and driver logs go (None: the terminal)
+    _restore_logs: Callable[[], None] | None = field(default=None, repr=False, compare=False)
 
     def shutdown(self) -> None:
         """Disconnect a connection lakeray made; stops Serve and the local cluster when lakeray started it."""
@@ -85,11 +94,133 @@ class RayHandle:
 
         if not self.owns_connection or not ray.is_initialized():
             return  # the caller's Ray: theirs to shut down
+        try:
+            self._shutdown_ray(ray)
+        finally:
+            if self._restore_logs is not None:
+                self._restore_logs()
+                self._restore_logs = None
+
+    @staticmethod
+    def _shutdown_ray(ray: Any) -> None:
         # A remote cluster: ray.shutdown() only disconnects this driver. A local cluster we started:
         # it stops every process of it, Serve's controller, proxies and replicas included.
         # serve.shutdown() first would only add a graceful drain that took >30 s on 2 cores, for
         # replicas that are about to be killed anyway.
         ray.shutdown()
+
+
+# Ray's driver-side loggers (each has its own handler on the terminal).
+_RAY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "ray.serve", "ray.util", "ray.air")
+_WORKER_STREAM = "ray_print_logs"  # the name Ray gives its worker-output handler (ray.shutdown removes it)
+
+
+def _log_path(settings: Settings) -> str:
+    import tempfile
+
+    root = settings.storage_root
+    folder = os.path.join(tempfile.gettempdir(), "lakeray-logs") if "://" in root else os.path.join(root, "logs")
+    os.makedirs(folder, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return os.path.join(folder, f"ray-{stamp}-{os.getpid()}.log")
+
+
+def _write_worker_lines(sink: TextIO) -> Callable[[dict], None]:
+    def write(data: dict) -> None:
+        who = data.get("actor_name") or data.get("task_name") or ""
+        prefix = f"({who} pid={data.get('pid')}, ip={data.get('ip')}{', stderr' if data.get('is_err') else ''}) "
+        for line in data.get("lines", []):
+            sink.write(prefix + line + "\n")
+        sink.flush()
+
+    return write
+
+
+class _ToHandler(logging.Filter):
+    """A logger filter that hands each record to one handler and stops it there."""
+
+    def __init__(self, handler: logging.Handler) -> None:
+        super().__init__()
+        self.handler = handler
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= self.handler.level:
+            self.handler.handle(record)
+        return False
+
+
+class _RayRecordsTo(logging.Handler):
+    """A root handler: records of ``ray.*`` loggers to one handler, the rest as Python's last resort
+    would print them (adding a root handler switches the last resort off)."""
+
+    def __init__(self, handler: logging.Handler) -> None:
+        super().__init__()
+        self.handler = handler
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.name == "ray" or record.name.startswith("ray."):
+            self.handler.handle(record)
+        elif logging.lastResort is not None and record.levelno >= logging.lastResort.level:
+            logging.lastResort.handle(record)
+
+
+def _loggers_to_file(path: str) -> tuple[TextIO, Callable[[], None]]:
+    """Send Ray's driver-side log records to ``path``; returns the open file and the undo (closes it).
+
+    Every ``ray.*`` record propagates to a root handler that writes it to the file (ray.init clears the
+    "ray" logger's own handlers, so a handler there would not last). Serve and Data reset their
+    loggers' handlers and stop propagation when imported, which may happen after this; a logger's
+    filters survive that, so records logged on them still go to the file.
+    """
+    sink = open(path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 (closed by the undo)
+    handler = logging.StreamHandler(sink)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    divert = _ToHandler(handler)
+    saved = []
+    for name in _RAY_LOGGERS:
+        logger = logging.getLogger(name)
+        saved.append((logger, list(logger.handlers), logger.propagate))
+        for old in list(logger.handlers):
+            logger.removeHandler(old)
+        if name != "ray":
+            logger.addFilter(divert)
+        logger.propagate = True
+    root = logging.getLogger()
+    router = _RayRecordsTo(handler)
+    root.addHandler(router)
+
+    def restore() -> None:
+        root.removeHandler(router)
+        for logger, handlers, propagate in saved:
+            logger.removeFilter(divert)
+            for old in handlers:
+                logger.addHandler(old)
+            logger.propagate = propagate
+        sink.close()
+
+    return sink, restore
+
+
+def _worker_stream_to(sink: TextIO) -> None:
+    """Write the worker output Ray streams to this driver into ``sink`` instead of the terminal.
+
+    Ray has no public switch for where the driver prints worker output; its dispatcher (private API
+    of the pinned Ray) is replaced after ray.init, which installs the terminal printer under this
+    name. ray.shutdown removes the handler by that name.
+    """
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+    dispatcher.remove_handler(_WORKER_STREAM)
+    dispatcher.add_handler(_WORKER_STREAM, _write_worker_lines(sink))
+
+
+def _worker_stream_redirectable() -> bool:
+    try:
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher
+
+        return hasattr(global_worker_stdstream_dispatcher, "add_handler")
+    except ImportError:
+        return False
 
 
 def start_ray(settings: Settings) -> RayHandle:
@@ -126,7 +257,12 @@ def start_ray(settings: Settings) -> RayHandle:
         resources = ray.cluster_resources()
         return RayHandle(ray.get_runtime_context().gcs_address, False, resources.get("CPU", 0),
                          fast_proxy, cfg.op_timeout_s, owns_connection=False)
-    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True, "configure_logging": False}
+    debug = os.environ.get("LAKERAY_DEBUG") == "1"
+    # Worker output reaches the driver only with log_to_driver; lakeray then writes it to the log file.
+    kwargs: dict[str, Any] = {"include_dashboard": False, "configure_logging": False,
+                              "log_to_driver": debug or _worker_stream_redirectable()}
+    log_file = None if debug else _log_path(settings)
+    sink, restore = _loggers_to_file(log_file) if log_file else (None, None)
     try:
         if cfg.address:
             ray.init(address=cfg.address, **kwargs)
@@ -137,15 +273,21 @@ def start_ray(settings: Settings) -> RayHandle:
                 kwargs["object_store_memory"] = cfg.object_store_memory_mb * 1024 * 1024
             ray.init(num_cpus=num_cpus, **kwargs)
             owns = True
-    except (ConnectionError, TimeoutError, RuntimeError) as exc:
+    except BaseException as exc:
+        if restore is not None:
+            restore()
+        if not isinstance(exc, (ConnectionError, TimeoutError, RuntimeError)):
+            raise
         where = cfg.address or "a local Ray"
         raise ClusterError(
             f"could not start or reach {where}: {exc}",
             "check ray.address in lakeray.yaml (ray://host:10001) or leave it empty for a local Ray",
         ) from None
+    if sink is not None and kwargs["log_to_driver"]:
+        _worker_stream_to(sink)
     resources = ray.cluster_resources()
     return RayHandle(ray.get_runtime_context().gcs_address, owns, resources.get("CPU", 0), fast_proxy,
-                     cfg.op_timeout_s)
+                     cfg.op_timeout_s, log_file=log_file, _restore_logs=restore)
 
 
 @contextmanager
