@@ -144,44 +144,66 @@ def show(ctx: click.Context, table: str, version: int | None, as_of: str | None,
     Console().print(out)
 
 
+_ENGINE = click.option("--engine", type=click.Choice(["auto", "duckdb", "spark"]), default=None,
+                       help="Join engine (default: the spec's, else the profile's training_sets.engine).")
+
+
+def _engine_session(settings, spec):
+    """The engine a build of ``spec`` uses, and a Spark session only when that engine is spark: the
+    duckdb engine starts no JVM."""
+    import contextlib
+
+    from lakeray.features.training_sets import choose_engine
+    from lakeray.lakehouse.spark import spark_session
+
+    engine, why = choose_engine(settings, spec)
+    return engine, why, (spark_session(settings) if engine == "spark" else contextlib.nullcontext(None))
+
+
 @features.command("training-set")
 @click.argument("spec_file", type=click.Path(exists=True, dir_okay=False))
+@_ENGINE
 @click.pass_context
-def training_set(ctx: click.Context, spec_file: str) -> None:
+def training_set(ctx: click.Context, spec_file: str, engine: str | None) -> None:
     """Build the point-in-time training set described by SPEC_FILE (YAML); writes table + manifest."""
     import yaml
 
     from lakeray.features.training_sets import TrainingSetSpec, build_training_set
-    from lakeray.lakehouse.spark import spark_session
 
     settings = settings_from(ctx)
     spec = TrainingSetSpec.parse(yaml.safe_load(open(spec_file)) or {}, spec_file)
-    with spark_session(settings) as spark:
-        result = build_training_set(spark, settings, spec)
+    if engine:
+        spec = spec.model_copy(update={"engine": engine})
+    chosen, why, session = _engine_session(settings, spec)
+    with session as spark:
+        result = build_training_set(spark, settings, spec.model_copy(update={"engine": chosen}))
     inputs = ", ".join(f"{t}@{v}" for t, v in result.inputs.items())
     click.echo(f"{result.table}@{result.version}: {result.rows} rows from {inputs}; hash {result.content_hash}; "
-               f"manifest {result.manifest_path}")
+               f"engine {result.engine} ({why}); manifest {result.manifest_path}")
 
 
 @features.command("rebuild")
 @click.argument("name")
 @click.option("--version", type=click.IntRange(min=0), default=None, help="Manifest version (default: latest).")
 @click.option("--into", default=None, help="Write into another table (default: a new version of NAME).")
+@_ENGINE
 @click.pass_context
-def rebuild(ctx: click.Context, name: str, version: int | None, into: str | None) -> None:
+def rebuild(ctx: click.Context, name: str, version: int | None, into: str | None, engine: str | None) -> None:
     """Rebuild a training set from its manifest; commit it only if the content hash matches.
 
     Identical rows become a new version of NAME (or of --into). Different rows fail (exit 1) and NAME
-    is left as it was; with --into they are written there so they can be compared.
+    is left as it was; with --into they are written there so they can be compared. Either engine
+    gives the same content hash, whichever built the original.
     """
-    from lakeray.features.training_sets import load_manifest, rebuild_training_set
-    from lakeray.lakehouse.spark import spark_session
+    from lakeray.features.training_sets import load_manifest, rebuild_spec, rebuild_training_set
 
     settings = settings_from(ctx)
     manifest = load_manifest(settings, name, version)
-    with spark_session(settings) as spark:
-        result = rebuild_training_set(spark, settings, manifest, into)
-    click.echo(f"{result.table}@{result.version}: identical to {name}@{manifest['version']} ({result.rows} rows)")
+    chosen, _, session = _engine_session(settings, rebuild_spec(manifest, into, engine))
+    with session as spark:
+        result = rebuild_training_set(spark, settings, manifest, into, chosen)
+    click.echo(f"{result.table}@{result.version}: identical to {name}@{manifest['version']} ({result.rows} rows, "
+               f"engine {result.engine})")
 
 
 @features.command("vacuum")

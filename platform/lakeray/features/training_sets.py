@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from lakeray.config import Settings
 
 __all__ = ["FeatureRef", "TrainingSetSpec", "TrainingSetResult", "build_training_set", "choose_engine",
-           "load_manifest", "rebuild_training_set", "manifest_dir"]
+           "load_manifest", "rebuild_spec", "rebuild_training_set", "manifest_dir"]
 
 
 class FeatureRef(BaseModel):
@@ -387,6 +387,13 @@ def _manifest_spec(manifest: dict[str, Any]) -> tuple[TrainingSetSpec, int]:
     return spec, hash_version
 
 
+def rebuild_spec(manifest: dict[str, Any], name: str | None = None, engine: str | None = None) -> TrainingSetSpec:
+    """The pinned spec a rebuild of ``manifest`` runs: into ``name`` (default: the same table), on
+    ``engine`` (default: the spec's own, else the profile's choice)."""
+    spec, _ = _manifest_spec(manifest)
+    return spec.model_copy(update={"name": name or spec.name, "engine": engine or spec.engine})
+
+
 def rebuild_training_set(spark: SparkSession | None, settings: Settings, manifest: dict[str, Any],
                          name: str | None = None, engine: str | None = None) -> TrainingSetResult:
     """Replay a manifest (every version pinned) and check the rows are the same, bit for bit.
@@ -400,7 +407,7 @@ def rebuild_training_set(spark: SparkSession | None, settings: Settings, manifes
     started = time.perf_counter()
     spec, hash_version = _manifest_spec(manifest)
     original = f"{spec.name}@{manifest['version']}"
-    target = spec.model_copy(update={"name": name or spec.name, "engine": engine or spec.engine})
+    target = rebuild_spec(manifest, name, engine)
     chosen, _ = choose_engine(settings, target)
     rebuild_of = {"rebuild_of": {"training_set": spec.name, "version": manifest["version"]}}
     written = None
