@@ -156,6 +156,9 @@ class TrainingSetsConfig(_Model):
     duckdb_memory_limit_mb: int | None = Field(
         None, ge=64, description="DuckDB's memory limit; past it the join spills to <storage.root>/_tmp/duckdb. "
         "Default: half of the machine's memory.")
+    duckdb_spill: bool = Field(
+        True, description="Let DuckDB spill past its memory limit to <storage.root>/_tmp/duckdb. Off: a duckdb "
+        "build whose inputs would not fit the limit (estimated at 4x their Delta file size) is refused up front.")
 
 
 class Profile(_Model):

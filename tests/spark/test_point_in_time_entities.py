@@ -308,3 +308,24 @@ def test_both_engines_agree_on_random_tables(spark, settings):
                 for engine in ("spark", "duckdb")}
         assert hashes["spark"] == hashes["duckdb"], (case, rows)
         assert rows["spark"] == rows["duckdb"], case
+
+
+def test_duckdb_without_spilling_refuses_inputs_over_its_memory_limit(spark, settings):
+    from dataclasses import replace
+
+    from lakeray.config import TrainingSetsConfig
+    from lakeray.features.training_sets import choose_engine
+
+    write_table(spark.range(3_000_000).selectExpr("id", "timestamp '2026-03-01' + make_interval(0,0,0,0,0,0,id) as t",
+                                                  "rand(1) as v"), settings.table_path("mem_feats"))
+    write_table(spark.range(10).selectExpr("id", "timestamp '2026-04-01' as t"), settings.table_path("mem_labels"))
+    tight = replace(settings, profile=settings.profile.model_copy(update={"training_sets": TrainingSetsConfig(
+        duckdb_memory_limit_mb=64, duckdb_spill=False)}))
+    spec = TrainingSetSpec.parse({"name": "mem_ts", "labels": "mem_labels", "entity_keys": ["id"], "event_time": "t",
+                                  "engine": "duckdb", "features": [{"table": "mem_feats", "columns": ["v"]}]})
+    with pytest.raises(ConfigError, match=r"over training_sets.duckdb_memory_limit_mb 64, and "
+                                          r"training_sets.duckdb_spill is off"):
+        build_training_set(None, tight, spec)
+    assert not os.path.exists(settings.table_path("mem_ts"))
+    assert choose_engine(tight, spec.model_copy(update={"engine": "auto"}))[0] == "spark"
+    assert choose_engine(settings, spec.model_copy(update={"engine": "auto"}))[0] == "duckdb"  # spilling on

@@ -120,8 +120,8 @@ def point_in_time_join_arrow(labels: pa.Table, label_keys: list[str], label_time
     try:
         if memory_limit_mb:
             con.execute(f"SET memory_limit = '{int(memory_limit_mb)}MB'")
-        if temp_dir:
-            con.execute(f"SET temp_directory = '{temp_dir}'")
+        # An empty temp directory turns DuckDB's spilling off: it fails with OutOfMemoryException instead.
+        con.execute(f"SET temp_directory = '{temp_dir or ''}'")
         if threads:
             con.execute(f"SET threads = {int(threads)}")
         out = {name: labels.column(name) for name in labels.column_names}
