@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     import numpy as np
     import pyarrow as pa
 
-__all__ = ["content_hash", "row_hash", "spark_xxhash64"]
+__all__ = ["content_hash", "hashable", "row_hash", "spark_xxhash64"]
 
 SPARK_SEED = 42
 # Rows hashed per numpy step: the working arrays (a few of 64k uint64) stay in the CPU cache, and a
@@ -153,6 +153,15 @@ def _is_null(arr):
 
         return np.ones(len(arr), bool)
     return arr.is_null().to_numpy(zero_copy_only=False)
+
+
+def hashable(arrow_type) -> bool:
+    """Whether this module reproduces Spark's hash of a column of ``arrow_type`` (else use Spark's)."""
+    try:
+        _check_type(arrow_type, "column")
+    except DataQualityError:
+        return False
+    return True
 
 
 def _check_type(arrow_type, label: str) -> None:
