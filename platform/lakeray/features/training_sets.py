@@ -324,7 +324,8 @@ def _duckdb_memory_mb(settings: Settings) -> int:
 def _duckdb_joined(settings: Settings, pinned: TrainingSetSpec, hash_version: int):
     """The point-in-time join of a pinned spec as an Arrow table, in DuckDB."""
     from lakeray.lakehouse.delta import read_arrow
-    from lakeray.lakehouse.pit_duckdb import ArrowSource, point_in_time_join_arrow
+    from lakeray.lakehouse.pit import FeatureSource
+    from lakeray.lakehouse.pit_duckdb import point_in_time_join_arrow
 
     labels = read_arrow(settings.table_path(pinned.labels), pinned.labels_version)
     sources = []
@@ -334,7 +335,7 @@ def _duckdb_joined(settings: Settings, pinned: TrainingSetSpec, hash_version: in
         have = read_arrow(path, ref.version, files=[]).schema.names
         # Missing columns are reported by the join's checks, with the Spark engine's words.
         table = read_arrow(path, ref.version, columns=[c for c in wanted if c in have])
-        sources.append(ArrowSource(ref.table, table, tuple(ref.entity_keys), ref.event_time, tuple(ref.columns),
+        sources.append(FeatureSource(ref.table, table, tuple(ref.entity_keys), ref.event_time, tuple(ref.columns),
                                    ref.max_age_s, tuple(ref.join_keys[k] for k in ref.entity_keys)))
     import duckdb
 

@@ -44,7 +44,8 @@ _HOT_KEY = "LAKERAY_HOT_KEY"
 
 @dataclass(frozen=True)
 class FeatureSource:
-    """One feature table's rows for the join, already read at a pinned version.
+    """One feature table's rows for the join, already read at a pinned version: ``df`` is a Spark
+    DataFrame for the Spark engine, an Arrow table for the DuckDB engine (:mod:`.pit_duckdb`).
 
     ``label_keys``: the label columns that hold this table's ``entity_keys``, in the same order
     (default: the same names)."""

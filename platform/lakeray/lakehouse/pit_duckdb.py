@@ -19,34 +19,16 @@ state) is capped at ``memory_limit_mb`` and spills to ``temp_dir`` past it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from lakeray.errors import DataQualityError
-from lakeray.lakehouse.pit import HASH_VERSION, SourceShape, plan_output
+from lakeray.lakehouse.pit import HASH_VERSION, FeatureSource, SourceShape, plan_output
 
 if TYPE_CHECKING:
     import numpy as np
     import pyarrow as pa
 
-__all__ = ["ArrowSource", "point_in_time_join_arrow", "spark_type_name", "supported_time_type"]
-
-
-@dataclass(frozen=True)
-class ArrowSource:
-    """One feature table at its pinned version, as Arrow (its keys, time and requested columns)."""
-
-    name: str
-    table: pa.Table
-    entity_keys: tuple[str, ...]
-    event_time: str
-    columns: tuple[str, ...]
-    max_age_s: float | None = None
-    label_keys: tuple[str, ...] | None = None
-
-    @property
-    def joins_on(self) -> tuple[str, ...]:
-        return tuple(self.label_keys) if self.label_keys else tuple(self.entity_keys)
+__all__ = ["point_in_time_join_arrow", "spark_type_name", "supported_time_type"]
 
 
 def spark_type_name(arrow_type: pa.DataType) -> str:
@@ -99,7 +81,7 @@ _PACKED = "((__t::HUGEINT << 64) + (__tie::HUGEINT + 9223372036854775808))"  # (
 _LABEL_PACKED = "((__t::HUGEINT << 64) + 18446744073709551615)"  # (time, +∞): every tie at that time
 
 
-def point_in_time_join_arrow(labels: pa.Table, label_keys: list[str], label_time: str, sources: list[ArrowSource],
+def point_in_time_join_arrow(labels: pa.Table, label_keys: list[str], label_time: str, sources: list[FeatureSource],
                              hash_version: int = HASH_VERSION, memory_limit_mb: int | None = None,
                              temp_dir: str | None = None, threads: int | None = None) -> pa.Table:
     """``labels`` with one column per requested feature, each as of the label row's event time; the same
@@ -112,9 +94,9 @@ def point_in_time_join_arrow(labels: pa.Table, label_keys: list[str], label_time
         return {f.name: spark_type_name(f.type) for f in table.schema}
 
     names_of = plan_output(types(labels), label_keys, label_time, [
-        SourceShape(s.name, types(s.table), s.entity_keys, s.event_time, s.columns, s.joins_on) for s in sources])
+        SourceShape(s.name, types(s.df), s.entity_keys, s.event_time, s.columns, s.joins_on) for s in sources])
     label_t, label_ok = _micros(labels.column(label_time), f"the labels' event time {label_time!r}")
-    feat_times = [_micros(src.table.column(src.event_time), f"feature table {src.name!r} event time "
+    feat_times = [_micros(src.df.column(src.event_time), f"feature table {src.name!r} event time "
                           f"{src.event_time!r}") for src in sources]
 
     con = duckdb.connect(config={"preserve_insertion_order": False})
@@ -136,12 +118,12 @@ def point_in_time_join_arrow(labels: pa.Table, label_keys: list[str], label_time
             match = np.where(found & (age <= src.max_age_s * 1e6), match, -1)
         take = pa.array(np.where(match >= 0, match, 0), mask=match < 0)
         for name, col in zip(names, src.columns, strict=True):
-            out[name] = src.table.column(col).take(take) if src.table.num_rows else \
-                pa.nulls(len(rows), src.table.schema.field(col).type)
+            out[name] = src.df.column(col).take(take) if src.df.num_rows else \
+                pa.nulls(len(rows), src.df.schema.field(col).type)
     return pa.table(out)
 
 
-def _as_of_all(con, labels: pa.Table, label_t, label_ok, sources: list[ArrowSource], feat_times, hash_version: int):
+def _as_of_all(con, labels: pa.Table, label_t, label_ok, sources: list[FeatureSource], feat_times, hash_version: int):
     """One chained ``ASOF LEFT JOIN`` per feature table: the label row numbers in the order DuckDB
     returns them, and per table the matched feature row number of each (-1 for none).
 
@@ -170,8 +152,8 @@ def _as_of_all(con, labels: pa.Table, label_t, label_ok, sources: list[ArrowSour
                 label_cols[label_key] = f"__l{len(label_cols)}"
                 lab[label_cols[label_key]] = labels.column(label_key)
             keys.append((f"__k{j}", label_cols[label_key]))
-        feat = {"__fi": row_numbers(src.table.num_rows),
-                **{k: src.table.column(c) for (k, _), c in zip(keys, src.entity_keys, strict=True)},
+        feat = {"__fi": row_numbers(src.df.num_rows),
+                **{k: src.df.column(c) for (k, _), c in zip(keys, src.entity_keys, strict=True)},
                 "__t": pa.array(feat_t, mask=~feat_ok)}
         con.register(f"__f{i}", pa.table(feat))
         valid = " AND ".join(f"{k} IS NOT NULL" for k, _ in keys)
@@ -179,7 +161,7 @@ def _as_of_all(con, labels: pa.Table, label_t, label_ok, sources: list[ArrowSour
                        f"WHERE {valid} AND __t IS NOT NULL").fetchall()[0][0]
         on = " AND ".join(f"l.{lk} = f{i}.{fk}" for fk, lk in keys)
         if tied:
-            feat["__tie"] = row_hash(src.table, list(src.columns), hash_version)
+            feat["__tie"] = row_hash(src.df, list(src.columns), hash_version)
             con.register(f"__f{i}", pa.table(feat))
             selects.append(f"(SELECT __fi, {', '.join(k for k, _ in keys)}, {_PACKED} AS __o FROM __f{i}) f{i}")
             joins.append(f"{on} AND l.__tp >= f{i}.__o")
