@@ -329,3 +329,26 @@ def test_duckdb_without_spilling_refuses_inputs_over_its_memory_limit(spark, set
     assert not os.path.exists(settings.table_path("mem_ts"))
     assert choose_engine(tight, spec.model_copy(update={"engine": "auto"}))[0] == "spark"
     assert choose_engine(settings, spec.model_copy(update={"engine": "auto"}))[0] == "duckdb"  # spilling on
+
+
+def test_the_duckdb_engine_keeps_the_labels_order(spark, settings):
+    """Same inputs, same rows in the same order: XGBoost's row sampling depends on the order, so a
+    model trained on a rebuilt set is only the same model if the order is the same too."""
+    from deltalake import DeltaTable
+
+    write_table(spark.range(300_000).selectExpr("id", "id % 5000 as k", "timestamp '2026-03-02' - make_interval(0,0,0,0,0,0,id % 86400) as t")
+                .coalesce(1), settings.table_path("order_labels"))
+    write_table(spark.range(300_000).selectExpr("id % 5000 as k", "timestamp '2026-03-01' + make_interval(0,0,0,0,0,0,id) as t",
+                                                "rand(3) as v"), settings.table_path("order_feats"))
+    spec = TrainingSetSpec.parse({"name": "order_ts", "labels": "order_labels", "entity_keys": ["id"], "event_time": "t",
+                                  "engine": "duckdb", "features": [{"table": "order_feats", "columns": ["v"],
+                                                                    "entity_keys": ["k"]}]})
+    first, second = (build_training_set(None, settings, spec).version for _ in range(2))
+    table = DeltaTable(settings.table_path("order_ts"))
+    orders = []
+    for version in (first, second):
+        table.load_as_version(version)
+        orders.append(table.to_pyarrow_table(columns=["id", "v"]))
+    assert orders[0].equals(orders[1])
+    labels = DeltaTable(settings.table_path("order_labels")).to_pyarrow_table(columns=["id"])
+    assert orders[0].column("id").equals(labels.column("id"))  # the labels' own order

@@ -361,6 +361,10 @@ def write_arrow(table: pa.Table, path: str, user_metadata: str) -> int:
     from deltalake import CommitProperties, DeltaTable, write_deltalake
 
     fresh = "://" not in path and not os.path.exists(path)
+    # delta-rs writes a table's record batches in parallel, so several chunks can land in another order;
+    # one contiguous chunk keeps the rows in order (a rebuild must give the same file, not only the same
+    # set of rows: training samples rows by position). Costs one copy (~0.2 s at 5M rows x 2 columns).
+    table = table.combine_chunks() if any(col.num_chunks > 1 for col in table.columns) else table
     try:
         write_deltalake(path, table, mode="overwrite", schema_mode="overwrite",
                         commit_properties=CommitProperties(custom_metadata={"userMetadata": user_metadata}))

@@ -85,7 +85,7 @@ def point_in_time_join_arrow(labels: pa.Table, label_keys: list[str], label_time
                              hash_version: int = HASH_VERSION, memory_limit_mb: int | None = None,
                              temp_dir: str | None = None, threads: int | None = None) -> pa.Table:
     """``labels`` with one column per requested feature, each as of the label row's event time; the same
-    rows as :func:`lakeray.lakehouse.pit.point_in_time_join` (same content hash), in no particular order."""
+    rows as :func:`lakeray.lakehouse.pit.point_in_time_join` (same content hash), in the labels' order."""
     import duckdb
     import numpy as np
     import pyarrow as pa
@@ -110,16 +110,21 @@ def point_in_time_join_arrow(labels: pa.Table, label_keys: list[str], label_time
         rows, matches = _as_of_all(con, labels, label_t, label_ok, sources, feat_times, hash_version)
     finally:
         con.close()
-    out = {name: labels.column(name).take(rows) for name in labels.column_names}
+    # Back to the labels' own order (DuckDB returns rows in whatever order its threads finish): the same
+    # inputs give the same rows in the same order, so a model trained on a rebuild is the same model.
+    position = np.empty(len(rows), np.int64)
+    position[rows] = np.arange(len(rows), dtype=np.int64)
+    matches = [match[position] for match in matches]
+    out = {name: labels.column(name) for name in labels.column_names}
     for src, names, (feat_t, _), match in zip(sources, names_of, feat_times, matches, strict=True):
         if src.max_age_s is not None:
             found = match >= 0
-            age = label_t[rows] - feat_t[np.where(found, match, 0)]
+            age = label_t - feat_t[np.where(found, match, 0)]
             match = np.where(found & (age <= src.max_age_s * 1e6), match, -1)
         take = pa.array(np.where(match >= 0, match, 0), mask=match < 0)
         for name, col in zip(names, src.columns, strict=True):
             out[name] = src.df.column(col).take(take) if src.df.num_rows else \
-                pa.nulls(len(rows), src.df.schema.field(col).type)
+                pa.nulls(labels.num_rows, src.df.schema.field(col).type)
     return pa.table(out)
 
 
