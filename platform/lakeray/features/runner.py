@@ -173,6 +173,15 @@ def date_range(start: str, end: str) -> tuple[dt.date, dt.date]:
     return first, stop
 
 
+def _outcome(exc: BaseException) -> dict[str, str]:
+    """The ledger's status and error for a run that raised: ``refused`` (a LakerayError: quality gate,
+    schema), ``failed`` (a bug in the job, a Delta conflict, a lost executor) or ``interrupted``
+    (Ctrl-C, SystemExit)."""
+    if isinstance(exc, LakerayError):
+        return {"status": "refused", "error": exc.headline}
+    return {"status": "failed" if isinstance(exc, Exception) else "interrupted", "error": _error_text(exc)}
+
+
 def _error_text(exc: BaseException) -> str:
     """``Type: first line of the message`` (Spark's messages carry a JVM stack trace below it)."""
     lines = str(exc).strip().splitlines()
@@ -266,17 +275,8 @@ def run_feature_job(spark: SparkSession, settings: Settings, name: str, start: s
                                   user_metadata=metadata, merge_schema=bool(added), properties=properties)
         entry["version"] = version  # committed: a failure below still names the version
         rows = _committed_rows(spark, path, version)
-    except LakerayError as exc:
-        entry.update(status="refused", error=exc.headline, seconds=round(time.perf_counter() - started, 2))
-        _record(settings, entry)
-        raise
-    except Exception as exc:  # a bug in the job, a Delta conflict, a lost executor: recorded, then raised
-        entry.update(status="failed", error=_error_text(exc), seconds=round(time.perf_counter() - started, 2))
-        _record(settings, entry)
-        raise
-    except BaseException as exc:  # Ctrl-C (KeyboardInterrupt), SystemExit
-        entry.update(status="interrupted", error=_error_text(exc),
-                     seconds=round(time.perf_counter() - started, 2))
+    except BaseException as exc:  # every outcome is recorded, then raised
+        entry.update(**_outcome(exc), seconds=round(time.perf_counter() - started, 2))
         _record(settings, entry)
         raise
     finally:

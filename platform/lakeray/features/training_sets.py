@@ -143,9 +143,8 @@ def _join_partitions(spark: SparkSession, settings: Settings, pinned: TrainingSe
     from lakeray.lakehouse.delta import table_rows
 
     floor = int(spark.conf.get("spark.sql.shuffle.partitions"))
-    pins = [(pinned.labels, pinned.labels_version), *[(r.table, r.version) for r in pinned.features]]
     try:
-        counts = [table_rows(settings.table_path(t), v) for t, v in pins]
+        counts = [table_rows(settings.table_path(t), v) for t, v in _pins(pinned)]
     except Exception:  # stats unreadable (e.g. an object store without credentials for delta-rs)
         return floor
     if any(c is None for c in counts):
@@ -208,8 +207,13 @@ def _write_manifest(settings: Settings, pinned: TrainingSetSpec, version: int, d
                              engine)
 
 
+def _pins(pinned: TrainingSetSpec) -> list[tuple[str, int]]:
+    """Every input table of a pinned spec with its version: the labels first, then each feature ref."""
+    return [(pinned.labels, pinned.labels_version), *[(r.table, r.version) for r in pinned.features]]
+
+
 def _inputs(pinned: TrainingSetSpec) -> dict[str, int]:
-    return {pinned.labels: pinned.labels_version, **{r.table: r.version for r in pinned.features}}
+    return dict(_pins(pinned))
 
 
 def _metadata(pinned: TrainingSetSpec, engine: str) -> str:
@@ -273,8 +277,7 @@ def _duckdb_unsupported(settings: Settings, pinned: TrainingSetSpec) -> str | No
 def _input_mb(settings: Settings, pinned: TrainingSetSpec) -> float:
     from lakeray.lakehouse.delta import table_bytes
 
-    pins = [(pinned.labels, pinned.labels_version), *[(r.table, r.version) for r in pinned.features]]
-    return sum(table_bytes(settings.table_path(t), v) for t, v in pins) / 2**20
+    return sum(table_bytes(settings.table_path(t), v) for t, v in _pins(pinned)) / 2**20
 
 
 def choose_engine(settings: Settings, spec: TrainingSetSpec) -> tuple[str, str]:
@@ -284,13 +287,20 @@ def choose_engine(settings: Settings, spec: TrainingSetSpec) -> tuple[str, str]:
 
     A forced ``duckdb`` that cannot run (object-store tables, event times that are not timestamps or
     dates) is a ConfigError naming the setting, raised before anything is read or written."""
+    engine, why, _ = _choose(settings, spec)
+    return engine, why
+
+
+def _choose(settings: Settings, spec: TrainingSetSpec) -> tuple[str, str, TrainingSetSpec | None]:
+    """:func:`choose_engine`, plus the spec it pinned (without Spark) to decide, so a duckdb build pins
+    once; None when it decided without pinning."""
     cfg = settings.profile.training_sets
     wanted = spec.engine or cfg.engine
     if wanted == "spark":
-        return "spark", "engine: spark"
+        return "spark", "engine: spark", None
     local = settings.profile.spark.master.startswith("local") and "://" not in settings.storage_root
     if wanted == "auto" and not local:
-        return "spark", "auto: the profile is not local"
+        return "spark", "auto: the profile is not local", None
     pinned = _resolved(None, settings, spec)
     why_not = _duckdb_unsupported(settings, pinned)
     if why_not is None and not cfg.duckdb_spill:
@@ -303,14 +313,14 @@ def choose_engine(settings: Settings, spec: TrainingSetSpec) -> tuple[str, str]:
             raise ConfigError(f"training set {spec.name!r}: engine duckdb cannot build it: {why_not}",
                               "set engine: spark (or auto) in the spec or training_sets.engine in the profile"
                               + (", or turn duckdb_spill on" if not cfg.duckdb_spill else ""))
-        return "duckdb", "engine: duckdb"
+        return "duckdb", "engine: duckdb", pinned
     if why_not:
-        return "spark", f"auto: {why_not}"
+        return "spark", f"auto: {why_not}", pinned
     limit = cfg.duckdb_max_input_mb or _machine_memory_mb() // 8
     size = _input_mb(settings, pinned)
     if size > limit:
-        return "spark", f"auto: inputs {size:,.0f} MiB > duckdb_max_input_mb {limit:,}"
-    return "duckdb", f"auto: local inputs of {size:,.0f} MiB <= {limit:,} MiB"
+        return "spark", f"auto: inputs {size:,.0f} MiB > duckdb_max_input_mb {limit:,}", pinned
+    return "duckdb", f"auto: local inputs of {size:,.0f} MiB <= {limit:,} MiB", pinned
 
 
 # Arrow in memory against the same rows as compressed parquet (measured ~3-4x on the bench's tables).
@@ -323,6 +333,8 @@ def _duckdb_memory_mb(settings: Settings) -> int:
 
 def _duckdb_joined(settings: Settings, pinned: TrainingSetSpec, hash_version: int):
     """The point-in-time join of a pinned spec as an Arrow table, in DuckDB."""
+    import duckdb
+
     from lakeray.lakehouse.delta import read_arrow
     from lakeray.lakehouse.pit import FeatureSource
     from lakeray.lakehouse.pit_duckdb import point_in_time_join_arrow
@@ -336,9 +348,7 @@ def _duckdb_joined(settings: Settings, pinned: TrainingSetSpec, hash_version: in
         # Missing columns are reported by the join's checks, with the Spark engine's words.
         table = read_arrow(path, ref.version, columns=[c for c in wanted if c in have])
         sources.append(FeatureSource(ref.table, table, tuple(ref.entity_keys), ref.event_time, tuple(ref.columns),
-                                   ref.max_age_s, tuple(ref.join_keys[k] for k in ref.entity_keys)))
-    import duckdb
-
+                                     ref.max_age_s, tuple(ref.join_keys[k] for k in ref.entity_keys)))
     spill = None
     if settings.profile.training_sets.duckdb_spill:
         spill = f"{settings.storage_root}/_tmp/duckdb"
@@ -382,9 +392,8 @@ def build_training_set(spark: SparkSession | None, settings: Settings, spec: Tra
     from lakeray.lakehouse.pit import HASH_VERSION
 
     started = time.perf_counter()
-    engine, _ = choose_engine(settings, spec)
+    engine, _, pinned = _choose(settings, spec)
     if engine == "duckdb":
-        pinned = _resolved(None, settings, spec)
         table = _duckdb_joined(settings, pinned, HASH_VERSION)
         return _duckdb_commit(settings, pinned, table, None, HASH_VERSION, started)
     pinned = _resolved(_need_spark(spark, spec), settings, spec)
@@ -446,13 +455,12 @@ def rebuild_training_set(spark: SparkSession | None, settings: Settings, manifes
     spec, hash_version = _manifest_spec(manifest)
     original = f"{spec.name}@{manifest['version']}"
     target = rebuild_spec(manifest, name, engine)
-    chosen, _ = choose_engine(settings, target)
+    chosen, _, pinned = _choose(settings, target)
     rebuild_of = {"rebuild_of": {"training_set": spec.name, "version": manifest["version"]}}
     written = None
     if chosen == "duckdb":
         from lakeray.lakehouse.arrow_hash import content_hash as arrow_content_hash
 
-        pinned = _resolved(None, settings, target)
         table = _duckdb_joined(settings, pinned, hash_version)
         digest = arrow_content_hash(table, hash_version)
         identical = digest == manifest["content_hash"]
