@@ -369,7 +369,10 @@ def write_arrow(table: pa.Table, path: str, user_metadata: str) -> int:
         write_deltalake(path, table, mode="overwrite", schema_mode="overwrite",
                         commit_properties=CommitProperties(custom_metadata={"userMetadata": user_metadata}))
     except BaseException:
-        if fresh and not os.path.isdir(os.path.join(path, "_delta_log")):
+        # As write_table: a folder this write created and no writer committed to (an empty _delta_log
+        # included, which later readers would fail on) is removed.
+        log = os.path.join(path, "_delta_log")
+        if fresh and not (os.path.isdir(log) and any(n.endswith(".json") for n in os.listdir(log))):
             shutil.rmtree(path, ignore_errors=True)
         raise
     history = DeltaTable(path).history(16)
