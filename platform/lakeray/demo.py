@@ -22,7 +22,8 @@ if TYPE_CHECKING:
     from lakeray.config import Settings
     from lakeray.features.training_sets import TrainingSetResult
 
-__all__ = ["DemoResult", "run_demo", "build_demo_training_set", "write_labels", "example_project", "STAGES",
+__all__ = ["DemoResult", "run_demo", "build_demo_training_set", "write_labels", "example_project", "demo_train_spec",
+           "STAGES",
            "FEATURE_JOB", "LABEL", "ID_COLUMN"]
 
 STAGES = ["spark", "data", "features", "training_set", "ray", "train", "serve", "predict"]
@@ -148,6 +149,17 @@ def write_labels(spark: Any, settings: Settings, source_table: str, source_versi
     return write_table(labels.select(ID_COLUMN, ENTITY_KEY, EVENT_TIME, LABEL), settings.table_path(labels_table))
 
 
+def demo_train_spec(training_set_version: int):
+    """The example project's train spec (jobs/training/fraud_xgboost.yaml) pinned to the demo's training
+    set version. The demo deploys what it just trained, so the new version gets ``champion`` directly
+    (a project's own runs get ``challenger`` and `lakeray models promote` decides)."""
+    from lakeray.training.spec import load_train_spec
+
+    spec = load_train_spec(example_project() / "jobs" / "training" / "fraud_xgboost.yaml")
+    return spec.model_copy(update={"training_set": f"{TRAINING_SET}@{training_set_version}",
+                                   "registry": spec.registry.model_copy(update={"alias": "champion"})})
+
+
 def example_project() -> Path:
     """The example project that ships inside the package (``lakeray init`` copies it)."""
     from pathlib import Path
@@ -191,7 +203,7 @@ def run_demo(settings: Settings, rows: int = 200_000, seed: int = 42, prediction
     from lakeray.lakehouse.delta import write_table
     from lakeray.lakehouse.spark import create_spark_session
     from lakeray.serving.deploy import deploy_model
-    from lakeray.training.api import make_spec, train_and_register
+    from lakeray.training.api import train
 
     progress = progress or (lambda stage, event: None)
     result = DemoResult(rows=rows)
@@ -211,7 +223,7 @@ def run_demo(settings: Settings, rows: int = 200_000, seed: int = 42, prediction
             result.feature_table_version, result.feature_rows = run.version, run.rows
             result.feature_checks = {c["name"]: c["passed"] for c in run.expectations}
         with _stage(result, "training_set", progress):
-            built, feature_columns = build_demo_training_set(spark, settings, result.source_table_version,
+            built, _ = build_demo_training_set(spark, settings, result.source_table_version,
                                                              run.version)
             result.training_set_version, result.training_set_rows = built.version, built.rows
             result.training_set_hash = built.content_hash
@@ -221,12 +233,11 @@ def run_demo(settings: Settings, rows: int = 200_000, seed: int = 42, prediction
         with _stage(result, "ray", progress):
             ray_handle = start_ray(settings)
         with _stage(result, "train", progress):
-            spec = make_spec(settings, TRAINING_SET, result.training_set_version, LABEL, ID_COLUMN,
-                             features=feature_columns)
-            report = train_and_register(settings, spec, alias="champion")
-            result.features = spec.features
-            result.auc = round(report.auc, 4)
-            result.train_rows, result.test_rows = report.outcome.train_rows, report.test_rows
+            spec = demo_train_spec(result.training_set_version)
+            report = train(settings, spec, "demo train spec (jobs/training/fraud_xgboost.yaml)")
+            result.features = report.outcome.plan.features
+            result.auc = round(report.evaluation.metrics["auc"], 4)
+            result.train_rows, result.test_rows = report.outcome.train_rows, report.outcome.valid_rows
             result.train_s = round(report.outcome.train_s, 2)
             result.train_startup_s = round(report.outcome.startup_s, 2)
             result.train_load_s = round(report.outcome.load_s, 2)

@@ -24,11 +24,17 @@ def feature_version(spark, settings):
 
 @pytest.fixture(scope="module")
 def report(settings, ray_handle, feature_version):
-    from lakeray.training.api import make_spec, train_and_register
+    from lakeray.training.api import train
+    from lakeray.training.spec import TrainSpec
 
     version, columns = feature_version
-    spec = make_spec(settings, "fraud_training_set", version, "is_fraud", "transaction_id", features=columns)
-    return train_and_register(settings, spec, alias="champion")
+    # Two workers: the Ray Train path (XGBoost's collective over both workers' file shards).
+    spec = TrainSpec.parse({
+        "name": "serve_test", "model": {"kind": "xgboost", "rounds": 30}, "training_set": f"fraud_training_set@{version}",
+        "label": "is_fraud", "features": columns, "split": {"kind": "hash", "column": "transaction_id"},
+        "scaling": {"num_workers": 2, "cpus_per_worker": 1}, "checkpoint_every": 10,
+        "registry": {"alias": "champion"}})
+    return train(settings, spec)
 
 
 @pytest.fixture(scope="module")
@@ -46,12 +52,17 @@ def test_training_registers_model_with_alias_and_lineage(settings, report, featu
     assert int(version.version) == report.model.version
     run = client.get_run(version.run_id)
     assert run.data.tags["lakeray.input"] == f"fraud_training_set@{feature_version[0]}"
-    assert float(run.data.metrics["auc"]) == pytest.approx(report.auc)
-    assert run.data.params["num_workers"] == "2"
+    assert float(run.data.metrics["auc"]) == pytest.approx(report.evaluation.metrics["auc"])
+    assert run.data.params["num_workers"] == "2" and report.outcome.path == "ray-train"
     # Both workers trained: the held-out rows plus the training rows are the whole table.
-    assert report.outcome.train_rows + report.test_rows == 30_000
-    assert report.auc > 0.65  # the generator's signal is learnable from the features
-    assert "customer_id" not in report.spec.features and "is_fraud" not in report.spec.features
+    assert report.outcome.train_rows + report.outcome.valid_rows == 30_000
+    assert report.evaluation.rows == report.outcome.valid_rows
+    assert report.evaluation.metrics["auc"] > 0.65  # the generator's signal is learnable from the features
+    features = report.outcome.plan.features
+    assert "customer_id" not in features and "is_fraud" not in features
+    # Metrics at every checkpoint step (10, 20) plus the end reached MLflow as a history.
+    history = mlflow_client(settings).get_metric_history(version.run_id, "valid_auc")
+    assert [m.step for m in history if m.step] == [10, 20, 30]
 
 
 def test_resolving_an_unknown_alias_is_a_clear_error(settings, report):
@@ -64,7 +75,7 @@ def test_resolving_an_unknown_alias_is_a_clear_error(settings, report):
 def test_healthz_reports_the_pinned_version(endpoint, report):
     body = httpx.get(f"{endpoint.url}/healthz", timeout=10).json()
     assert body["status"] == "ok" and body["model_version"] == report.model.version
-    assert body["features"] == report.spec.features
+    assert body["features"] == report.outcome.plan.features
 
 
 def test_predict_returns_one_probability_per_instance(endpoint, report):
@@ -78,7 +89,7 @@ def test_predict_returns_one_probability_per_instance(endpoint, report):
     import numpy as np
 
     x = np.array([[1.0] * len(endpoint.features), [np.nan] * len(endpoint.features)], dtype=np.float32)
-    assert body["predictions"] == pytest.approx(report.outcome.booster.inplace_predict(x).tolist(), rel=1e-5)
+    assert body["predictions"] == pytest.approx(report.outcome.model.inplace_predict(x).tolist(), rel=1e-5)
 
 
 def _post(endpoint, payload=None, content=None):

@@ -1,0 +1,434 @@
+"""Where a training function runs: one Ray task, or a Ray Train worker group; checkpoints, progress, resume.
+
+A model trainer (xgboost_trainer, torch_trainer) is one function ``fit(ctx: WorkerContext) -> None``
+that runs on every worker. It asks ``ctx`` for its rank, its restored checkpoint, and calls
+``ctx.checkpoint(step, metrics, write)`` every ``checkpoint_every`` steps and ``ctx.progress`` as it
+likes. :func:`launch` runs it:
+
+- **one worker**: a single Ray task (``num_cpus``/``num_gpus`` reserved, ``max_retries`` =
+  ``max_failures``). No worker group, no collective, no train context: the start-up is a Ray worker
+  process and the imports (measured in bench/train_xgboost.py). A killed task is retried by Ray and
+  resumes from the latest ``checkpoint_<step>`` folder of the run.
+- **several workers**: a Ray Train V2 trainer (``XGBoostTrainer`` sets up XGBoost's collective,
+  ``TorchTrainer`` the DDP process group) with ``FailureConfig(max_failures)``; checkpoints go through
+  ``ray.train.report`` into the same run folder, and ``ray.train.get_checkpoint()`` restores them after
+  a worker failure, or when ``lakeray train --resume RUN`` starts the run again under the same name.
+
+Every run has a folder ``<storage root>/train_runs/<run id>/``: ``run.json`` (spec, pinned version),
+``progress.jsonl`` (one line per reported step, written by rank 0, read by the driver's live view) and
+the ``checkpoint_*`` folders. A checkpoint is a folder of model files plus ``lakeray_state.json``
+(step, metrics history, final flag).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from lakeray.errors import ClusterError, ConfigError, LakerayError
+
+if TYPE_CHECKING:
+    from lakeray.config import Settings
+    from lakeray.training.spec import TrainPlan
+
+__all__ = ["WorkerContext", "RunFolder", "LaunchResult", "launch", "new_run_id", "run_folder", "STATE_FILE",
+           "latest_checkpoint", "read_state"]
+
+STATE_FILE = "lakeray_state.json"
+PROGRESS_FILE = "progress.jsonl"
+_CHECKPOINT_PREFIX = "checkpoint_"
+
+
+def _checkpoint_name(step: int, final: bool) -> str:
+    # The final checkpoint gets its own name: early stopping can end on a step already checkpointed.
+    return f"{_CHECKPOINT_PREFIX}{step:06d}{'_final' if final else ''}"
+
+
+def new_run_id(name: str) -> str:
+    return f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid() % 10000:04d}"
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    """``<storage root>/train_runs/<run id>``: local paths (object-store runs come with issue 14)."""
+
+    root: str
+    run_id: str
+
+    @property
+    def path(self) -> str:
+        return os.path.join(self.root, self.run_id)
+
+    @property
+    def progress_file(self) -> str:
+        return os.path.join(self.path, PROGRESS_FILE)
+
+    @property
+    def run_file(self) -> str:
+        return os.path.join(self.path, "run.json")
+
+
+def run_folder(settings: Settings, run_id: str) -> RunFolder:
+    root = settings.storage_root
+    if "://" in root:
+        raise ConfigError(f"storage.root {root} is an object store; training runs keep their checkpoints in a "
+                          "local or shared folder for now", "use a local storage.root (object stores: issue 14)")
+    return RunFolder(os.path.abspath(os.path.join(root, "train_runs")), run_id)
+
+
+def read_state(checkpoint_dir: str) -> dict[str, Any]:
+    with open(os.path.join(checkpoint_dir, STATE_FILE), encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def latest_checkpoint(run_dir: str) -> str | None:
+    """The checkpoint folder with the highest step (ties: the newest), or None."""
+    if not os.path.isdir(run_dir):
+        return None
+    best: tuple[int, bool, float, str] | None = None
+    for name in os.listdir(run_dir):
+        full = os.path.join(run_dir, name)
+        if not name.startswith(_CHECKPOINT_PREFIX) or not os.path.isfile(os.path.join(full, STATE_FILE)):
+            continue
+        state = read_state(full)
+        key = (int(state["step"]), bool(state.get("final")), os.path.getmtime(full), full)
+        if best is None or key > best:
+            best = key
+    return best[3] if best else None
+
+
+class WorkerContext:
+    """What a training function sees on its worker. Subclasses bind it to a Ray task or to Ray Train."""
+
+    def __init__(self, plan: TrainPlan, run: RunFolder, rank: int, world: int, use_gpu: bool, attempt: int):
+        self.plan = plan
+        self.run = run
+        self.rank = rank
+        self.world = world
+        self.use_gpu = use_gpu
+        self.attempt = attempt  # 0 on the first try; restarts count up
+        self.threads = plan.cpus_per_worker
+        self.history: list[dict[str, Any]] = []
+
+    # -- checkpoints ------------------------------------------------------------------------------
+    def restored(self) -> str | None:
+        """A local folder holding the checkpoint to resume from, or None to start fresh."""
+        raise NotImplementedError
+
+    def resume(self) -> tuple[str | None, int]:
+        """The checkpoint folder to resume from and its step, or (None, 0) to start fresh. Restores the
+        metrics history and records the resume in the progress file (the driver counts redone steps)."""
+        found = self.restored()
+        if found is None:
+            return None, 0
+        state = read_state(found)
+        self.history = list(state.get("history", []))
+        step = int(state["step"])
+        self.progress(step, {}, "resumed")
+        return found, step
+
+    def checkpoint(self, step: int, metrics: dict[str, float], write: Callable[[str], None],
+                   final: bool = False) -> None:
+        """Every rank calls this at the same step; rank 0's ``write(folder)`` saves the model files."""
+        raise NotImplementedError
+
+    def _write_checkpoint(self, folder: str, step: int, metrics: dict[str, float], write: Callable[[str], None],
+                          final: bool) -> None:
+        write(folder)
+        state = {"step": step, "final": final, "metrics": metrics, "history": self.history,
+                 "attempt": self.attempt, "time": time.time()}
+        with open(os.path.join(folder, STATE_FILE), "w", encoding="utf-8") as fh:
+            json.dump(state, fh)
+
+    # -- progress ---------------------------------------------------------------------------------
+    def progress(self, step: int, metrics: dict[str, float], event: str = "step") -> None:
+        """Rank 0 appends one line to the run's progress file (cheap: no Ray round trip)."""
+        if event == "step":
+            self.history.append({"step": step, **metrics})
+        if self.rank != 0:
+            return
+        line = {"event": event, "step": step, "attempt": self.attempt, "time": time.time(), "pid": os.getpid(),
+                **metrics}
+        with open(self.run.progress_file, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(line) + "\n")
+
+
+class _TaskContext(WorkerContext):
+    def restored(self) -> str | None:
+        return latest_checkpoint(self.run.path)
+
+    def checkpoint(self, step: int, metrics: dict[str, float], write: Callable[[str], None],
+                   final: bool = False) -> None:
+        target = os.path.join(self.run.path, _checkpoint_name(step, final))
+        tmp = target + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        self._write_checkpoint(tmp, step, metrics, write, final)
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(tmp, target)  # a restart never sees half a checkpoint
+        self.progress(step, metrics, "checkpoint")
+
+
+class _RayTrainContext(WorkerContext):
+    def restored(self) -> str | None:
+        import ray.train
+
+        found = ray.train.get_checkpoint()
+        if found is None:
+            return None
+        local = tempfile.mkdtemp(prefix="lakeray-restore-")
+        found.to_directory(local)
+        return local
+
+    def checkpoint(self, step: int, metrics: dict[str, float], write: Callable[[str], None],
+                   final: bool = False) -> None:
+        import ray.train
+
+        # ray.train.report is a barrier: every rank reports, rank 0 alone carries the files.
+        report = {"step": step, "final": final, **metrics}
+        if self.rank != 0:
+            ray.train.report(report)
+            return
+        with tempfile.TemporaryDirectory(prefix="lakeray-ckpt-") as tmp:
+            self._write_checkpoint(tmp, step, metrics, write, final)
+            ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                             checkpoint_dir_name=_checkpoint_name(step, final))
+        self.progress(step, metrics, "checkpoint")
+
+
+def _task_entry(fit: Callable[[WorkerContext], None], plan: TrainPlan, run: RunFolder, use_gpu: bool) -> None:
+    attempts = os.path.join(run.path, ".attempts")
+    with open(attempts, "a", encoding="utf-8") as fh:
+        fh.write(f"{os.getpid()}\n")
+    with open(attempts, encoding="utf-8") as fh:
+        attempt = len(fh.read().split()) - 1
+    ctx = _TaskContext(plan, run, 0, 1, use_gpu, attempt)
+    ctx.progress(0, {}, "started")
+    fit(ctx)
+
+
+def _train_entry(config: dict[str, Any]) -> None:
+    import ray.train
+
+    plan, run = config["plan"], config["run"]
+    ctx_info = ray.train.get_context()
+    # Each (re)start of the worker group appends one "started" line (rank 0): count the earlier ones.
+    attempt = sum(1 for e in _read_progress(run.progress_file) if e["event"] == "started")
+    ctx = _RayTrainContext(plan, run, ctx_info.get_world_rank(), ctx_info.get_world_size(), config["use_gpu"],
+                           attempt)
+    ctx.progress(0, {}, "started")
+    config["fit"](ctx)
+
+
+@dataclass
+class LaunchResult:
+    run: RunFolder
+    checkpoint_dir: str  # the final checkpoint (model files + state)
+    state: dict[str, Any]
+    path: str  # "task" or "ray-train"
+    fit_s: float
+    restarts: int = 0
+    redone_steps: int = 0
+    events: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _read_progress(path: str) -> list[dict[str, Any]]:
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def _restarts(events: list[dict[str, Any]]) -> tuple[int, int]:
+    """(restarts, steps redone): after each restart, the steps between the checkpoint it resumed from
+    and the furthest step reported before it failed were trained twice."""
+    restarts, redone, furthest, attempt = 0, 0, 0, None
+    for event in events:
+        if event["event"] == "started" and event["attempt"] != attempt:
+            if attempt is not None:
+                restarts += 1
+            attempt = event["attempt"]
+        elif event["event"] == "resumed":
+            redone += max(furthest - int(event["step"]), 0)
+        elif event["event"] in ("step", "checkpoint"):
+            furthest = max(furthest, int(event["step"]))
+    return restarts, redone
+
+
+@contextmanager
+def _watching(progress_file: str, on_event: Callable[[dict[str, Any]], None] | None) -> Iterator[None]:
+    """Tail the progress file in a thread while the block runs, handing each new event to ``on_event``."""
+    if on_event is None:
+        yield
+        return
+    stop = threading.Event()
+    seen = len(_read_progress(progress_file))
+
+    def poll() -> None:
+        nonlocal seen
+        while True:
+            events = _read_progress(progress_file)
+            for event in events[seen:]:
+                on_event(event)
+            seen = len(events)
+            if stop.wait(0.5):
+                for event in _read_progress(progress_file)[seen:]:
+                    on_event(event)
+                return
+
+    thread = threading.Thread(target=poll, name="lakeray-train-progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(5)
+
+
+def _check_resources(plan: TrainPlan, use_gpu: bool) -> None:
+    import ray
+
+    total = ray.cluster_resources()
+    need_cpu = plan.num_workers * plan.cpus_per_worker
+    if need_cpu > total.get("CPU", 0):
+        raise ClusterError(f"{plan.where}: scaling asks for {plan.num_workers} worker(s) x {plan.cpus_per_worker} "
+                           f"CPU(s) = {need_cpu} CPUs; the Ray cluster has {total.get('CPU', 0):g}",
+                           "lower scaling.num_workers or cpus_per_worker, or add nodes")
+    if use_gpu and plan.num_workers > total.get("GPU", 0):
+        raise ClusterError(f"{plan.where}: {plan.num_workers} GPU worker(s) need as many GPUs; the cluster has "
+                           f"{total.get('GPU', 0):g}", "set scaling.use_gpu: false or auto")
+
+
+def launch(settings: Settings, plan: TrainPlan, fit: Callable[[WorkerContext], None], run: RunFolder,
+           use_gpu: bool, trainer: str = "xgboost", on_event: Callable[[dict[str, Any]], None] | None = None,
+           start_timeout_s: float | None = None) -> LaunchResult:
+    """Run ``fit`` on the plan's workers (Ray connected by the caller); the final checkpoint back.
+
+    ``trainer`` picks the Ray Train class for several workers: ``xgboost`` (collective) or ``torch`` (DDP).
+    Workers that have not started within ``start_timeout_s`` (default ``ray.op_timeout_s``) fail the run
+    with a ClusterError instead of waiting for CPUs that never come.
+    """
+    _check_resources(plan, use_gpu)
+    os.makedirs(run.path, exist_ok=True)
+    start_timeout_s = start_timeout_s or settings.profile.ray.op_timeout_s
+    started = time.perf_counter()
+    with _watching(run.progress_file, on_event):
+        if plan.num_workers == 1:
+            checkpoint_dir, path = _run_task(plan, fit, run, use_gpu, start_timeout_s), "task"
+        else:
+            checkpoint_dir, path = _run_ray_train(settings, plan, fit, run, use_gpu, trainer, start_timeout_s), \
+                "ray-train"
+    fit_s = time.perf_counter() - started
+    events = _read_progress(run.progress_file)
+    restarts, redone = _restarts(events)
+    return LaunchResult(run, checkpoint_dir, read_state(checkpoint_dir), path, fit_s, restarts, redone, events)
+
+
+def _wait_started(run: RunFolder, done: Callable[[], bool], timeout_s: float, since: float) -> None:
+    """Block until a worker wrote "started" (or the work finished); ClusterError after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if done() or any(e["event"] == "started" and e["time"] >= since for e in _read_progress(run.progress_file)):
+            return
+        time.sleep(0.2)
+    raise ClusterError(f"no training worker started within {timeout_s:.0f} s",
+                       "check `ray status` for free CPUs/GPUs, or raise ray.op_timeout_s")
+
+
+def _run_task(plan: TrainPlan, fit: Callable[[WorkerContext], None], run: RunFolder, use_gpu: bool,
+              start_timeout_s: float) -> str:
+    import ray
+
+    since = time.time()
+    remote = ray.remote(_task_entry).options(
+        num_cpus=plan.cpus_per_worker, num_gpus=1 if use_gpu else 0, max_retries=plan.spec.max_failures,
+        retry_exceptions=False, name=f"lakeray-train:{run.run_id}")
+    ref = remote.remote(fit, plan, run, use_gpu)
+    try:
+        _wait_started(run, lambda: bool(ray.wait([ref], timeout=0)[0]), start_timeout_s, since)
+        ray.get(ref)
+    except ClusterError:
+        ray.cancel(ref, force=True)
+        raise
+    except ray.exceptions.RayTaskError as exc:
+        cause = exc.cause if isinstance(getattr(exc, "cause", None), LakerayError) else None
+        if cause is not None:
+            raise cause from None
+        raise ClusterError(f"training {plan.input} failed: {str(exc).strip().splitlines()[-1]}",
+                           f"the worker's traceback is in the Ray log; run dir {run.path}") from None
+    except (ray.exceptions.WorkerCrashedError, ray.exceptions.TaskCancelledError) as exc:
+        raise ClusterError(f"training {plan.input} failed after {plan.spec.max_failures} retries: {exc}",
+                           "raise max_failures, or see the Ray log") from None
+    final = latest_checkpoint(run.path)
+    if final is None or not read_state(final).get("final"):
+        raise ClusterError(f"training {plan.input} ended without a final checkpoint", f"see {run.path}")
+    return final
+
+
+def _run_ray_train(settings: Settings, plan: TrainPlan, fit: Callable[[WorkerContext], None], run: RunFolder,
+                   use_gpu: bool, trainer: str, start_timeout_s: float) -> str:
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+
+    if trainer == "torch":
+        from ray.train.torch import TorchTrainer as Trainer
+    else:
+        from ray.train.xgboost import XGBoostTrainer as Trainer
+    trainer_obj = Trainer(
+        _train_entry,
+        train_loop_config={"fit": fit, "plan": plan, "run": run, "use_gpu": use_gpu},
+        scaling_config=ScalingConfig(num_workers=plan.num_workers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": plan.cpus_per_worker,
+                                                           **({"GPU": 1} if use_gpu else {})}),
+        run_config=RunConfig(name=run.run_id, storage_path=run.root,
+                             failure_config=FailureConfig(max_failures=plan.spec.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+    )
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["result"] = trainer_obj.fit()
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+            box["error"] = exc
+
+    since = time.time()
+    thread = threading.Thread(target=target, name="lakeray-train-fit", daemon=True)
+    thread.start()
+    _wait_started(run, lambda: not thread.is_alive(), start_timeout_s, since)
+    thread.join()
+    if "error" in box:
+        err = box["error"]
+        inner = _lakeray_cause(err)
+        if inner is not None:
+            raise inner from None
+        raise ClusterError(f"training {plan.input} failed: {str(err).strip().splitlines()[-1][:500]}",
+                           f"the worker's traceback is in the Ray log; run dir {run.path}") from None
+    result = box["result"]
+    if result.checkpoint is None:
+        raise ClusterError(f"training {plan.input} ended without a checkpoint", f"see {run.path}")
+    return result.checkpoint.path
+
+
+def _lakeray_cause(err: BaseException) -> LakerayError | None:
+    """A LakerayError raised in a worker, found through Ray's wrappers (TrainingFailedError, RayTaskError)."""
+    seen = set()
+    stack = [err]
+    while stack:
+        cur = stack.pop()
+        if cur is None or id(cur) in seen:
+            continue
+        seen.add(id(cur))
+        if isinstance(cur, LakerayError):
+            return cur
+        stack += [getattr(cur, "cause", None), cur.__cause__, cur.__context__]
+        for value in getattr(cur, "worker_failures", {}).values() if hasattr(cur, "worker_failures") else []:
+            stack.append(value)
+    return None
