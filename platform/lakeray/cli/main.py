@@ -28,6 +28,7 @@ _COMMANDS = {
     "tables": ("lakeray.cli.tables_cmd", "tables", "Import data into Delta tables; list tables and their history."),
     "train": ("lakeray.cli.train_cmd", "train", "Train XGBoost on a feature table version and register it."),
     "serve": ("lakeray.cli.serve_cmd", "serve", "Serve a registered model over HTTP with Ray Serve."),
+    "models": ("lakeray.cli.models_cmd", "models", "Registered models: list, show, lineage, promote (champion gate)."),
 }
 
 
