@@ -144,8 +144,9 @@ def test_vacuum_keeps_the_version_a_registered_model_was_trained_on(spark, setti
     _three_versions(spark, settings, "vac_model")
     client = mlflow_client(settings)
     experiment = client.get_experiment_by_name("vac") or client.get_experiment(client.create_experiment("vac"))
+    # The tags as training logs them: a portable table@version (the path is storage-relative).
     run = client.create_run(experiment.experiment_id, tags={
-        "lakeray.input_path": settings.table_path("vac_model"), "lakeray.input_version": "1"})
+        "lakeray.input": "vac_model@1", "lakeray.input_path": "tables/vac_model", "lakeray.input_version": "1"})
     client.set_terminated(run.info.run_id)
     client.create_registered_model("vac_model_clf")
     client.create_model_version("vac_model_clf", f"runs:/{run.info.run_id}/model", run.info.run_id)

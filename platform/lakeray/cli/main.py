@@ -26,7 +26,7 @@ _COMMANDS = {
     "data": ("lakeray.cli.data_cmd", "data", "Generate the example transactions table."),
     "features": ("lakeray.cli.features_cmd", "features", "List and run feature jobs."),
     "tables": ("lakeray.cli.tables_cmd", "tables", "Import data into Delta tables; list tables and their history."),
-    "train": ("lakeray.cli.train_cmd", "train", "Train XGBoost on a feature table version and register it."),
+    "train": ("lakeray.cli.train_cmd", "train", "Train a model from a spec (jobs/training/*.yaml) on Ray; register it."),
     "serve": ("lakeray.cli.serve_cmd", "serve", "Serve a registered model over HTTP with Ray Serve."),
     "models": ("lakeray.cli.models_cmd", "models", "Registered models: list, show, lineage, promote (champion gate)."),
 }

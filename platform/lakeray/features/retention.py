@@ -14,6 +14,7 @@ table's log retention to cover it (a property change, one commit) and says so.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -69,11 +70,20 @@ def _model_refs(settings: Settings) -> dict[str, dict[int, list[str]]]:
     tables_root = settings.table_path("x")[:-1]
     for mv in client.search_model_versions():
         tags = client.get_run(mv.run_id).data.tags
-        path, version = tags.get("lakeray.input_path"), tags.get("lakeray.input_version")
-        if not path or version is None or not path.startswith(tables_root):
-            continue
-        table = path[len(tables_root):]
-        refs.setdefault(table, {}).setdefault(int(version), []).append(f"registered model {mv.name}/{mv.version}")
+        why = f"registered model {mv.name}/{mv.version}"
+        pins: dict[str, int] = {}
+        if "@" in tags.get("lakeray.input", ""):  # table@version, as training logs it (portable)
+            table, _, version = tags["lakeray.input"].rpartition("@")
+            pins[table] = int(version)
+        else:  # runs logged before the tag existed: an absolute table path and a version
+            path, version = tags.get("lakeray.input_path"), tags.get("lakeray.input_version")
+            if path and version is not None and path.startswith(tables_root):
+                pins[path[len(tables_root):]] = int(version)
+        # Every table the training set was joined from (its manifest's inputs), so lineage stays readable.
+        with contextlib.suppress(ValueError, TypeError):
+            pins.update({t: int(v) for t, v in json.loads(tags.get("lakeray.inputs") or "{}").items()})
+        for table, version in pins.items():
+            refs.setdefault(table, {}).setdefault(version, []).append(why)
     return refs
 
 

@@ -248,17 +248,27 @@ def _read_progress(path: str) -> list[dict[str, Any]]:
 
 
 def _restarts(events: list[dict[str, Any]]) -> tuple[int, int]:
-    """(restarts, steps redone): after each restart, the steps between the checkpoint it resumed from
-    and the furthest step reported before it failed were trained twice."""
-    restarts, redone, furthest, attempt = 0, 0, 0, None
+    """(restarts, steps redone). A restart that resumed from a checkpoint at step c redid the steps
+    between c and the furthest step reported before the failure; one that found no checkpoint (it
+    failed before Ray Train registered one) started again from 0 and redid them all."""
+    restarts, redone, furthest = 0, 0, 0
+    attempt: int | None = None
+    pending = False  # a restart whose starting point is not known yet
     for event in events:
-        if event["event"] == "started" and event["attempt"] != attempt:
+        kind = event["event"]
+        if kind == "started" and event["attempt"] != attempt:
             if attempt is not None:
                 restarts += 1
+                pending = True
             attempt = event["attempt"]
-        elif event["event"] == "resumed":
-            redone += max(furthest - int(event["step"]), 0)
-        elif event["event"] in ("step", "checkpoint"):
+        elif kind == "resumed":
+            if pending:
+                redone += max(furthest - int(event["step"]), 0)
+                pending = False
+        elif kind in ("step", "checkpoint"):
+            if pending:
+                redone += furthest
+                pending = False
             furthest = max(furthest, int(event["step"]))
     return restarts, redone
 

@@ -1,0 +1,178 @@
+"""Training survives real failures: a worker process SIGKILLed mid-run restarts from its last checkpoint
+(Ray Train's FailureConfig for a worker group, Ray's task retry for one worker) and finishes the same
+number of rounds; a driver SIGKILLed mid-run is continued by `lakeray train --resume RUN`."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def learnable(settings):
+    """40k rows, 10 numeric features, a label that depends on three of them (written with deltalake)."""
+    import pandas as pd
+    from deltalake import write_deltalake
+
+    rng = np.random.default_rng(5)
+    rows = 40_000
+    x = rng.normal(size=(rows, 10))
+    logit = 1.5 * x[:, 0] - x[:, 1] + 0.8 * x[:, 2] * x[:, 3]
+    frame = pd.DataFrame(x, columns=[f"f{i}" for i in range(10)])
+    frame["row_id"] = np.arange(rows, dtype=np.int64)
+    frame["label"] = (rng.random(rows) < 1 / (1 + np.exp(-logit))).astype(np.int64)
+    path = settings.table_path("faults_set")
+    # Four files, so two workers each read their own pair.
+    for part in np.array_split(frame, 4):
+        write_deltalake(path, part, mode="append")
+    return "faults_set"
+
+
+def _spec(table: str, workers: int, rounds: int, every: int, name: str):
+    from lakeray.training.spec import TrainSpec
+
+    return TrainSpec.parse({
+        "name": name, "model": {"kind": "xgboost", "rounds": rounds, "params": {"max_depth": 8, "eta": 0.05}},
+        "training_set": table, "label": "label", "features": {"all_except": []},
+        "split": {"kind": "hash", "column": "row_id"}, "scaling": {"num_workers": workers, "cpus_per_worker": 1},
+        "checkpoint_every": every, "max_failures": 2, "registry": {"alias": None}})
+
+
+def _kill_after_first_checkpoint(spec, settings, min_step: int):
+    """Train ``spec``; SIGKILL the worker that reports the first checkpoint at or after ``min_step``."""
+    from lakeray.training.api import train
+
+    killed: dict[str, int] = {}
+    lock = threading.Lock()
+
+    def on_event(event: dict) -> None:
+        with lock:
+            if event["event"] == "checkpoint" and event["step"] >= min_step and not killed:
+                os.kill(event["pid"], signal.SIGKILL)
+                killed.update(pid=event["pid"], step=event["step"])
+
+    report = train(settings, spec, register=False, on_event=on_event)
+    return report, killed
+
+
+def test_a_killed_worker_group_restarts_from_its_checkpoint(settings, ray_handle, learnable):
+    # Killed at the third checkpoint: Ray Train registers a reported checkpoint asynchronously, so the
+    # newest one may not have been registered yet; the ones before it have.
+    report, killed = _kill_after_first_checkpoint(_spec(learnable, 2, 60, 10, "kill_group"), settings, 30)
+    outcome = report.outcome
+    assert killed and outcome.path == "ray-train"
+    assert outcome.restarts >= 1
+    assert outcome.steps == 60 and outcome.model.num_boosted_rounds() == 60  # the same number of rounds
+    resumed = [e for e in outcome_events(outcome) if e["event"] == "resumed"]
+    assert resumed and 10 <= resumed[0]["step"] <= killed["step"]  # from a checkpoint, not from round 0
+    reached = max(e["step"] for e in outcome_events(outcome) if e["attempt"] == 0)
+    assert outcome.redone_steps == reached - resumed[0]["step"] >= 0
+    assert report.evaluation.metrics["auc"] > 0.75
+
+
+def test_a_killed_single_worker_task_is_retried_from_its_checkpoint(settings, ray_handle, learnable):
+    report, killed = _kill_after_first_checkpoint(_spec(learnable, 1, 120, 20, "kill_task"), settings, 20)
+    outcome = report.outcome
+    assert killed and outcome.path == "task"
+    assert outcome.restarts == 1 and outcome.steps == 120
+    resumed = [e for e in outcome_events(outcome) if e["event"] == "resumed"]
+    # The kill lands a moment after the driver saw that checkpoint: the worker may have saved later ones.
+    assert len(resumed) == 1 and killed["step"] <= resumed[0]["step"] < 120
+    assert outcome.redone_steps >= 0 and report.evaluation.metrics["auc"] > 0.75
+    # The history carries one entry per reported step, without duplicates from the redone stretch.
+    steps = [h["step"] for h in outcome.history]
+    assert steps == sorted(set(steps)) and steps[-1] == 120
+
+
+def outcome_events(outcome) -> list[dict]:
+    with open(os.path.join(outcome.run_dir, "progress.jsonl"), encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh]
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (from /proc: ppid is the 4th field of /proc/<pid>/stat)."""
+    parents: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                with open(f"/proc/{entry}/stat", encoding="utf-8") as fh:
+                    ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
+                parents.setdefault(ppid, []).append(int(entry))
+    found, stack = [], [pid]
+    while stack:
+        for child in parents.get(stack.pop(), []):
+            found.append(child)
+            stack.append(child)
+    return found
+
+
+def test_a_killed_driver_is_resumed_with_resume_run(settings, learnable, tmp_path):
+    import yaml
+
+    spec = _spec(learnable, 1, 300, 20, "driver_kill").model_dump(mode="json")
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(yaml.safe_dump(spec))
+    env = {**os.environ, "LAKERAY_STORAGE__ROOT": settings.storage_root, "LAKERAY_RAY__OP_TIMEOUT_S": "300"}
+    cli = [os.path.join(os.path.dirname(sys.executable), "lakeray"), "--config", str(REPO / "lakeray.yaml")]
+    runs = Path(settings.storage_root, "train_runs")
+    before = set(runs.glob("driver_kill-*")) if runs.exists() else set()
+    driver = subprocess.Popen([*cli, "train", str(spec_file), "--json"], env=env, start_new_session=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 240
+        run_dir = None
+        while time.monotonic() < deadline and driver.poll() is None:
+            found = set(runs.glob("driver_kill-*")) - before if runs.exists() else set()
+            if found:
+                run_dir = found.pop()
+                progress = run_dir / "progress.jsonl"
+                steps = [json.loads(x)["step"] for x in progress.read_text().splitlines()
+                         if '"checkpoint"' in x] if progress.exists() else []
+                if steps and max(steps) >= 40:
+                    break
+            time.sleep(0.2)
+        assert driver.poll() is None, driver.stdout.read().decode()[-3000:]
+        assert run_dir is not None, "the run never checkpointed"
+        # The driver and every process of the local Ray it started (raylet, GCS, the training worker,
+        # which Ray started in sessions of their own): a crashed session, not a polite exit.
+        tree = _descendants(driver.pid)
+        os.killpg(driver.pid, signal.SIGKILL)
+        for child in tree:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGKILL)
+        driver.wait(30)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+    # Ray stops the dead driver's worker a few seconds later (it may save more checkpoints meanwhile):
+    # wait until the run folder is quiet before resuming.
+    progress = run_dir / "progress.jsonl"
+    quiet_since, last = time.monotonic(), progress.stat().st_mtime
+    while time.monotonic() - quiet_since < 5 and time.monotonic() < deadline + 60:
+        time.sleep(0.5)
+        if progress.stat().st_mtime != last:
+            quiet_since, last = time.monotonic(), progress.stat().st_mtime
+    checkpointed = max(int(p.name.split("_")[1]) for p in run_dir.glob("checkpoint_*") if "." not in p.name)
+    assert 40 <= checkpointed < 300, "the run finished before the driver was killed"
+    resumed = subprocess.run([*cli, "train", "--resume", run_dir.name, "--json", "--no-register"], env=env,
+                             capture_output=True, text=True, timeout=400)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    summary = json.loads(resumed.stdout[resumed.stdout.index("{"):])
+    assert summary["steps"] == 300 and summary["run_id"] == run_dir.name
+    events = [json.loads(x) for x in (run_dir / "progress.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in events if e["event"] == "resumed"] == [checkpointed]
+    assert summary["redone_steps"] >= 0 and summary["metrics"]["auc"] > 0.75
