@@ -41,6 +41,7 @@ test-quick: setup
 # `$(PY) bench/pit_join.py --scale 50000000 --skip-pandas` (about 10 minutes here).
 bench: setup
 	$(PY) bench/train_xgboost.py
+	$(PY) bench/train_torch.py
 	$(PY) bench/pit_join.py
 	$(PY) bench/features_write.py
 	$(PY) bench/features_scaling.py
