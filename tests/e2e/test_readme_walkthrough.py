@@ -69,8 +69,9 @@ def test_the_readme_walkthrough_works_in_order_and_serves_the_curl_body(tmp_path
 
     commands = walkthrough_commands()
     assert [c[:3] for c in commands] == [["lakeray", "data", "generate"], ["lakeray", "features", "run"],
-                                         ["lakeray", "features", "training-set"], ["lakeray", "train"],
-                                         ["lakeray", "serve"]]
+                                         ["lakeray", "features", "training-set"],
+                                         ["lakeray", "train", "jobs/training/fraud_xgboost.yaml"],
+                                         ["lakeray", "models", "promote"], ["lakeray", "serve"]]
     port = free_port()
     env = user_env(LAKERAY_STORAGE__ROOT=str(tmp_path / "lakehouse"), LAKERAY_SERVE__PORT=str(port))
     *batch, serve = commands

@@ -61,18 +61,20 @@ def test_features_show_reads_only_the_rows_it_prints(three_files, tmp_path):
     assert "events@latest" in shown.stdout
 
 
-def test_holdout_auc_reads_batch_by_batch_and_matches_a_whole_table_evaluation(tmp_path):
+def test_evaluation_reads_batch_by_batch_and_matches_a_whole_table_evaluation(tmp_path):
     import numpy as np
     import xgboost
     from deltalake import write_deltalake
     from sklearn.metrics import roc_auc_score
 
-    from lakeray.training.api import holdout_auc
+    from lakeray.config import load_settings
     from lakeray.training.data import holdout_mask, to_matrix
-    from lakeray.training.xgboost_trainer import TrainSpec
+    from lakeray.training.evaluate import evaluate
+    from lakeray.training.spec import TrainSpec, plan_training
 
+    settings = load_settings(REPO / "lakeray.yaml", "local", environ={"LAKERAY_STORAGE__ROOT": str(tmp_path)})
     rng = np.random.default_rng(3)
-    path = str(tmp_path / "tables" / "train_set")
+    path = settings.table_path("train_set")
     for part in range(3):  # three files
         ids = np.arange(part * 2000, part * 2000 + 2000)
         f1 = rng.normal(size=2000)
@@ -83,10 +85,12 @@ def test_holdout_auc_reads_batch_by_batch_and_matches_a_whole_table_evaluation(t
     booster = xgboost.train({"objective": "binary:logistic", "max_depth": 2},
                             xgboost.DMatrix(to_matrix(whole, ["f1", "f2"]), label=whole.column("label").to_numpy()),
                             num_boost_round=5)
-    spec = TrainSpec("train_set", path, 2, "label", ["f1", "f2"], "row_id")
-    auc, test_rows = holdout_auc(booster, spec, 0.2)
+    plan = plan_training(settings, TrainSpec.parse({
+        "name": "t", "model": {"kind": "xgboost"}, "training_set": "train_set@2", "label": "label",
+        "features": ["f1", "f2"], "split": {"kind": "hash", "column": "row_id", "fraction": 0.2}}))
+    result = evaluate(plan, booster.inplace_predict)
     mask = holdout_mask(whole.column("row_id").to_numpy(), 0.2)
     expected = roc_auc_score(whole.column("label").to_numpy()[mask],
                              booster.inplace_predict(to_matrix(whole, ["f1", "f2"])[mask]))
-    assert test_rows == int(mask.sum()) and 0 < test_rows < 6000
-    assert auc == pytest.approx(expected)
+    assert result.rows == int(mask.sum()) == plan.extra["valid_rows"] and 0 < result.rows < 6000
+    assert result.metrics["auc"] == pytest.approx(expected)

@@ -14,7 +14,9 @@ from lakeray.demo import example_project
 
 REPO = Path(__file__).resolve().parents[2]
 LAKERAY = str(Path(sys.executable).parent / "lakeray")
-EXAMPLE_FILES = ["README.md", "lakeray.yaml", "jobs/training_set.yaml", "jobs/features/customer_aggregates.py"]
+EXAMPLE_FILES = ["README.md", "lakeray.yaml", "jobs/training_set.yaml", "jobs/features/customer_aggregates.py",
+                 "jobs/training/fraud_xgboost.yaml", "jobs/training/fraud_torch.yaml",
+                 "jobs/training/fraud_sequence.yaml", "jobs/training/sequence_model.py"]
 
 
 def init(*args, cwd=None):
@@ -35,7 +37,8 @@ def test_the_example_project_ships_as_package_data():
 
 
 def test_the_checkout_jobs_are_the_packaged_files_not_a_second_copy():
-    for name in ["jobs/features/customer_aggregates.py", "jobs/training_set.yaml"]:
+    for name in ["jobs/features/customer_aggregates.py", "jobs/training_set.yaml",
+                 *[f"jobs/training/{p.name}" for p in (example_project() / "jobs" / "training").iterdir()]]:
         in_repo, packaged = REPO / name, example_project() / name
         assert in_repo.resolve() == packaged.resolve(), f"{name} must link to {packaged}"
 

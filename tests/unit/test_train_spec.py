@@ -203,3 +203,38 @@ def test_spec_file_errors(tmp_path):
     listing.write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match="top level must be a mapping"):
         load_train_spec(listing)
+
+
+def test_cli_spec_errors_exit_before_ray_and_register_nothing(txns, tmp_path):
+    """`lakeray train` with a bad spec: exit 2 (config) or 1 (data), one line naming the field, no
+    Ray started (it would take seconds), no MLflow store, no run folder."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    from tests.conftest import REPO
+
+    lakeray = os.path.join(os.path.dirname(sys.executable), "lakeray")
+    env = {**os.environ, "LAKERAY_STORAGE__ROOT": txns.storage_root}
+    cases = [
+        ({"features": ["amount", "nope"]}, 2, "features: no column(s) ['nope']"),
+        ({"categorical": ["count_7d"]}, 2, "categorical: count_7d: int64 is numeric"),
+        ({"model": {"kind": "torch", "module": "no_such_pkg.mod:Net"}}, 2, "model.module"),
+        ({"training_set": "one_class_cli"}, 1, "has a single class"),
+    ]
+    _write(txns, "one_class_cli", label=np.zeros(2000, dtype=np.int64))
+    for changes, code, message in cases:
+        spec = _spec(**changes).model_dump(mode="json")
+        path = tmp_path / "bad.yaml"
+        path.write_text(yaml.safe_dump(spec))
+        started = time.perf_counter()
+        done = subprocess.run([lakeray, "--config", str(REPO / "lakeray.yaml"), "train", str(path)], env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == code, done.stderr[-2000:]
+        assert message in done.stderr and "Traceback" not in done.stderr
+        assert time.perf_counter() - started < 30
+    assert not os.path.exists(os.path.join(txns.storage_root, "mlflow.db"))
+    assert not os.path.exists(os.path.join(txns.storage_root, "train_runs"))

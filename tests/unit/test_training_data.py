@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from lakeray.training.data import shard_files, holdout_mask
+from lakeray.training.data import holdout_mask
 
 
 def test_split_is_deterministic_and_near_the_fraction():
@@ -19,8 +19,3 @@ def test_split_of_a_row_does_not_depend_on_its_neighbours():
     whole = holdout_mask(ids, 0.3)
     alone = np.array([holdout_mask(ids[i : i + 1], 0.3)[0] for i in range(len(ids))])
     assert np.array_equal(whole, alone)
-
-
-def test_files_round_robin_over_workers_or_none_when_too_few():
-    assert shard_files(["a", "b", "c"], 2) == [["a", "c"], ["b"]]
-    assert shard_files(["a"], 2) is None

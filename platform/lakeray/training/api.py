@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from lakeray.errors import ConfigError
+from lakeray.errors import ClusterError, ConfigError
 
 if TYPE_CHECKING:
     from lakeray.config import Settings
@@ -137,10 +137,32 @@ def prepare(settings: Settings, spec: TrainSpec, where: str = "train spec", plan
 
     plan = plan or validate(settings, spec, where)
     use_gpu = resolve_gpu(spec.scaling.use_gpu, ray.cluster_resources().get("GPU", 0), spec.scaling.num_workers, where)
+    _check_memory(plan, ray.cluster_resources())
     extra = dict(plan.extra)
     if plan.num_workers > 1:
         extra["shards"] = table_shards(plan.path, plan.version, plan.num_workers)
     return dataclasses.replace(plan, use_gpu=use_gpu, extra=extra)
+
+
+def _check_memory(plan: TrainPlan, resources: dict[str, float]) -> None:
+    """Workers hold their rows in memory (a DMatrix or tensors). A shard that would not fit is refused
+    here, with the numbers, rather than killed by the OOM killer mid-run; streaming the rows through
+    Ray Data for such sets is not built yet (docs/training.md, "Ingest")."""
+    from lakeray.lakehouse.delta import table_bytes
+    from lakeray.training.ingest import DECODED_EXPANSION, should_stream
+
+    memory = resources.get("memory", 0)
+    if memory <= 0:
+        return  # a cluster that does not report memory: nothing to compare with
+    per_worker = memory / plan.num_workers
+    size = table_bytes(plan.path, plan.version)
+    if should_stream(size, plan.num_workers, int(per_worker)):
+        gib = 1 << 30
+        raise ClusterError(
+            f"{plan.where}: {plan.input} is {size / gib:.1f} GiB of parquet (~{size * DECODED_EXPANSION / gib:.1f} "
+            f"GiB in memory); split over {plan.num_workers} worker(s) with ~{per_worker / gib:.1f} GiB each, a "
+            "shard would not fit in half a worker's memory",
+            "raise scaling.num_workers or add memory/nodes (streaming through Ray Data is not built yet)")
 
 
 def _write_run_file(run: RunFolder, plan: TrainPlan) -> None:

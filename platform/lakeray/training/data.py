@@ -16,26 +16,8 @@ if TYPE_CHECKING:
 
     from lakeray.training.spec import TrainPlan
 
-__all__ = ["TableSlice", "shard_files", "holdout_mask", "to_matrix", "read_slice", "WorkerData", "encode",
+__all__ = ["holdout_mask", "to_matrix", "WorkerData", "encode",
            "validation_mask", "labels", "load_split", "iter_validation", "plan_columns"]
-
-
-@dataclass(frozen=True)
-class TableSlice:
-    """Which rows of which table version a worker trains on."""
-
-    path: str
-    version: int
-    files: list[str] | None  # None: every file, then rows are sliced by rank
-    rank: int
-    world: int
-
-
-def shard_files(files: list[str], world: int) -> list[list[str]] | None:
-    """Round-robin files over ``world`` workers; None when there are too few files to give each one."""
-    if len(files) < world:
-        return None
-    return [files[rank::world] for rank in range(world)]
 
 
 def holdout_mask(ids: np.ndarray, test_fraction: float) -> np.ndarray:
@@ -54,17 +36,6 @@ def to_matrix(table: pa.Table, columns: list[str]) -> np.ndarray:
     for j, name in enumerate(columns):
         out[:, j] = table.column(name).to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
     return out
-
-
-def read_slice(sl: TableSlice, columns: list[str]) -> pa.Table:
-    """The rows of ``sl`` (a file shard, or a row slice of the whole version when files are few)."""
-    from lakeray.lakehouse.delta import read_arrow
-
-    if sl.files is not None:
-        return read_arrow(sl.path, sl.version, columns=columns, files=sl.files)
-    table = read_arrow(sl.path, sl.version, columns=columns)
-    per = -(-table.num_rows // sl.world)
-    return table.slice(sl.rank * per, per)
 
 
 @dataclass
