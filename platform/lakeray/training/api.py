@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from lakeray.training.spec import TrainPlan, TrainSpec
 
 __all__ = ["TrainOutcome", "TrainReport", "ModelKind", "model_kind", "validate", "prepare", "train", "resume",
-           "load_run_spec", "train_and_register"]
+           "load_run_spec", "train_and_register", "outcome_of"]
 
 
 @dataclass(frozen=True)
@@ -186,6 +186,11 @@ def _outcome(plan: TrainPlan, kind: ModelKind, launched: LaunchResult) -> TrainO
         history=list(state.get("history", [])), train_rows=int(m["train_rows"]), valid_rows=int(m["valid_rows"]),
         train_s=float(m["train_s"]), load_s=float(m["load_s"]), fit_s=launched.fit_s, restarts=launched.restarts,
         redone_steps=launched.redone_steps, params=dict(m.get("params", {})) or _params(plan))
+
+
+def outcome_of(plan: TrainPlan, launched: LaunchResult) -> TrainOutcome:
+    """The TrainOutcome of a finished launch (or of a Tune trial's final checkpoint): the model loaded on CPU."""
+    return _outcome(plan, model_kind(plan.spec.model.kind), launched)
 
 
 def _params(plan: TrainPlan) -> dict[str, Any]:

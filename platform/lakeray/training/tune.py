@@ -1,0 +1,377 @@
+"""Hyperparameter search with Ray Tune over a train spec: every trial runs the same code as ``lakeray train``.
+
+``search(settings, tune_spec)`` (Ray connected by the caller) is what ``lakeray tune SPEC.yaml`` runs:
+
+1. :func:`~lakeray.training.tune_spec.resolve_tune_spec` loads the base train spec and checks the space,
+   and :func:`~lakeray.training.api.validate` pins the training set: every spec error before any trial;
+2. Ray Tune runs a *function* trainable per trial (passing a Trainer to Tuner is deprecated in Ray 2.60).
+   A trial builds its TrainSpec (base + sampled values) and calls the model kind's per-worker function
+   (``fit_xgboost`` / ``fit_torch``) right in the trial's own process, with a :class:`_TrialContext`:
+   ``progress`` becomes ``ray.tune.report`` (so ASHA sees the metric and can stop the trial),
+   ``checkpoint`` a Tune checkpoint, ``resume`` ``ray.tune.get_checkpoint()``. No worker group is
+   started per trial. Trials ask Tune for ``cpus_per_worker`` CPUs: those that do not fit wait in line;
+3. the best finished trial's final checkpoint is loaded, scored on the held-out rows and registered
+   through :func:`~lakeray.training.tracking.log_training` with the base spec's alias (``challenger``);
+   MLflow gets a parent run with one child run per trial (tune_tracking).
+
+The search lives in ``<storage root>/tune_runs/<name>``: Tune's experiment folder (trials, checkpoints,
+searcher state) plus ``lakeray_search.json`` (what was logged and registered). ``resume=True`` restores
+it with ``Tuner.restore``: finished trials are kept, unfinished ones continue from their checkpoints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from lakeray.errors import ClusterError, ConfigError
+from lakeray.training.runtime import WorkerContext, read_state
+from lakeray.training.tune_spec import TuneSetup, TuneSpec, load_tune_spec, resolve_tune_spec, trial_spec
+
+if TYPE_CHECKING:
+    from lakeray.config import Settings
+    from lakeray.registry import RegisteredModel
+    from lakeray.training.evaluate import Evaluation
+    from lakeray.training.spec import TrainPlan
+
+__all__ = ["TuneSpec", "TrialStatus", "TuneReport", "load_tune_spec", "validate_search", "search", "search_folder",
+           "STATE_FILE"]
+
+STATE_FILE = "lakeray_search.json"
+_RESULT_KEYS = ("rounds", "final")
+
+
+# -- inside a trial ---------------------------------------------------------------------------------
+class _TrialContext(WorkerContext):
+    """A WorkerContext bound to a Tune function trainable (one worker, in the trial's own process).
+
+    The trainers call ``progress`` (metric at a round) and then ``checkpoint`` at the same round. The
+    metric is held until that checkpoint call, so each reported round is one ``tune.report``, with a
+    Tune checkpoint every ``keep_every`` rounds and at the end (writing the model is what costs).
+    """
+
+    def __init__(self, plan: TrainPlan, metric_key: str, keep_every: int, use_gpu: bool) -> None:
+        from lakeray.training.runtime import RunFolder
+
+        super().__init__(plan, RunFolder(tempfile.gettempdir(), "lakeray-trial"), 0, 1, use_gpu, 0)
+        self.metric_key = metric_key
+        self.keep_every = keep_every
+        self._pending: tuple[int, dict[str, float]] | None = None
+
+    def restored(self) -> str | None:
+        from ray import tune
+
+        found = tune.get_checkpoint()
+        if found is None:
+            return None
+        local = tempfile.mkdtemp(prefix="lakeray-trial-restore-")
+        found.to_directory(local)
+        return local
+
+    def progress(self, step: int, metrics: dict[str, float], event: str = "step") -> None:
+        if event != "step":
+            return  # started/resumed events: Tune tracks the trial's state itself
+        self.history.append({"step": step, **metrics})
+        if self._pending is not None:
+            self._report(*self._pending)
+        self._pending = (step, metrics)
+
+    def checkpoint(self, step: int, metrics: dict[str, float], write: Callable[[str], None],
+                   final: bool = False) -> None:
+        if self._pending is not None and self._pending[0] != step:
+            self._report(*self._pending)
+            self._pending = None
+        reported = self._pending[1] if self._pending else {}
+        self._pending = None
+        if not final and step % self.keep_every:
+            self._report(step, reported)
+            return
+        with tempfile.TemporaryDirectory(prefix="lakeray-trial-ckpt-") as folder:
+            self._write_checkpoint(folder, step, metrics, write, final)
+            self._report(step, reported, folder, final)
+
+    def _report(self, step: int, metrics: dict[str, float], folder: str | None = None, final: bool = False) -> None:
+        from ray import tune
+
+        last = next((h[self.metric_key] for h in reversed(self.history) if self.metric_key in h), None)
+        result = {"rounds": step, "final": final, **{k: v for k, v in metrics.items() if k != "elapsed_s"}}
+        if self.metric_key not in result and last is not None:
+            result[self.metric_key] = last
+        checkpoint = tune.Checkpoint.from_directory(folder) if folder else None
+        tune.report(result, checkpoint=checkpoint)
+
+
+def _trial(config: dict[str, Any], plan: TrainPlan, setup: TuneSetup) -> None:
+    """A Tune function trainable: the base plan with this trial's values, trained by the kind's fit."""
+    from ray import tune
+
+    from lakeray.training.api import model_kind
+
+    spec = trial_spec(plan.spec, config, setup.report_every)
+    trial_plan = dataclasses.replace(plan, spec=spec)
+    found = tune.get_checkpoint()
+    if found is not None:
+        with found.as_directory() as folder:
+            state = read_state(folder)
+        if state.get("final"):  # the trial had finished: report it again rather than train on
+            tune.report({"rounds": int(state["step"]), "final": True,
+                         setup.metric_key: state["history"][-1].get(setup.metric_key) if state["history"] else None},
+                        checkpoint=found)
+            return
+    ctx = _TrialContext(trial_plan, setup.metric_key, setup.checkpoint_every, plan.use_gpu)
+    model_kind(spec.model.kind).fit(ctx)
+
+
+# -- watching the search from the driver ------------------------------------------------------------
+@dataclass
+class TrialStatus:
+    """One trial as the live view and ``--json`` show it."""
+
+    trial_id: str
+    config: dict[str, Any]
+    state: str  # PENDING, RUNNING, TERMINATED, ERROR, PAUSED
+    rounds: int
+    metric: float | None
+    max_rounds: int
+    final: bool = False
+
+    @property
+    def stopped_early(self) -> bool:
+        """Stopped by the scheduler (or the budget) before its rounds: finished without a final checkpoint."""
+        return self.state == "TERMINATED" and not self.final
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"trial_id": self.trial_id, "config": self.config, "state": self.state, "rounds": self.rounds,
+                "metric": self.metric, "final": self.final, "stopped_early": self.stopped_early}
+
+
+@dataclass
+class _Listener:
+    setup: TuneSetup
+    on_update: Callable[[list[TrialStatus]], None] | None
+    start_timeout_s: float
+    started: float = field(default_factory=time.monotonic)
+    any_started: bool = False
+    timed_out: bool = False
+    last: list[TrialStatus] = field(default_factory=list)
+
+    def update(self, trials: list[Any]) -> None:
+        rows = [_status(t, self.setup) for t in trials]
+        if any(r.state != "PENDING" for r in rows):
+            self.any_started = True
+        elif time.monotonic() - self.started > self.start_timeout_s and trials:
+            self.timed_out = True
+        if rows != self.last:
+            self.last = rows
+            if self.on_update is not None:
+                self.on_update(rows)
+
+
+def _status(trial: Any, setup: TuneSetup) -> TrialStatus:
+    result = trial.last_result or {}
+    config = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in (trial.config or {}).items()}
+    rounds_cap = int(config.get("rounds", setup.base.model.rounds))
+    metric = result.get(setup.metric_key)
+    return TrialStatus(trial.trial_id, config, str(trial.status), int(result.get("rounds", 0) or 0),
+                       float(metric) if metric is not None else None, rounds_cap, bool(result.get("final")))
+
+
+# -- the search -------------------------------------------------------------------------------------
+@dataclass
+class TuneReport:
+    name: str
+    folder: str
+    trials: list[TrialStatus]
+    best: TrialStatus
+    evaluation: Evaluation
+    model: RegisteredModel | None
+    parent_run_id: str | None
+    rounds_run: int
+    rounds_budget: int
+    seconds: float
+    resumed: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def rounds_saved(self) -> float:
+        return 1 - self.rounds_run / self.rounds_budget if self.rounds_budget else 0.0
+
+    def summary(self) -> dict[str, Any]:
+        return {"name": self.name, "folder": self.folder, "resumed": self.resumed,
+                "model": self.model.version_uri if self.model else None,
+                "alias": self.model.alias if self.model else None, "parent_run_id": self.parent_run_id,
+                "best": self.best.as_dict(), "metrics": {k: round(v, 6) for k, v in self.evaluation.metrics.items()},
+                "trials": [t.as_dict() for t in self.trials], "rounds_run": self.rounds_run,
+                "rounds_budget": self.rounds_budget, "rounds_saved": round(self.rounds_saved, 4),
+                "seconds": round(self.seconds, 2), **self.extra}
+
+
+def search_folder(settings: Settings, name: str) -> str:
+    root = settings.storage_root
+    if "://" in root:
+        raise ConfigError(f"storage.root {root} is an object store; searches keep their trials in a local or "
+                          "shared folder for now", "use a local storage.root (object stores: issue 14)")
+    return os.path.abspath(os.path.join(root, "tune_runs", name))
+
+
+def validate_search(settings: Settings, tune: TuneSpec, where: str = "tune spec") -> tuple[TuneSetup, TrainPlan]:
+    """Every check that needs no cluster: the space, the base spec, the pinned training set."""
+    from lakeray.training.api import validate
+
+    setup = resolve_tune_spec(tune, where)
+    return setup, validate(settings, setup.base, setup.base_where)
+
+
+def _max_concurrent(settings: Settings, tune: TuneSpec, cpus: int, cluster_cpus: float) -> int:
+    if tune.max_concurrent:
+        return tune.max_concurrent
+    # A local Ray reports cores + 2 logical CPUs (DESIGN.md traps): count the physical ones.
+    usable = (os.cpu_count() or 1) if settings.profile.ray.address is None else cluster_cpus
+    return max(1, int(usable) // cpus)
+
+
+def _check_fits(plan: TrainPlan, where: str) -> None:
+    import ray
+
+    total = ray.cluster_resources()
+    need = plan.cpus_per_worker
+    if need > total.get("CPU", 0):
+        raise ClusterError(f"{where}: a trial needs {need} CPU(s) (scaling.cpus_per_worker of the base spec); the "
+                           f"Ray cluster has {total.get('CPU', 0):g}, so no trial could ever start",
+                           "lower cpus_per_worker, or add nodes")
+    if plan.use_gpu and total.get("GPU", 0) < 1:
+        raise ClusterError(f"{where}: trials need a GPU; the cluster has none", "set scaling.use_gpu: false or auto")
+
+
+@contextlib.contextmanager
+def _env(**values: str) -> Iterator[None]:
+    """Tune reads a few knobs from the driver's environment when the search starts; set them for it only."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def search(settings: Settings, tune: TuneSpec, where: str = "tune spec", resume: bool = False,
+           register: bool = True, on_update: Callable[[list[TrialStatus]], None] | None = None,
+           checked: tuple[TuneSetup, TrainPlan] | None = None, start_timeout_s: float | None = None) -> TuneReport:
+    """Run (or with ``resume`` continue) the search; register the best trial's model; a report back."""
+    from ray import tune as ray_tune
+
+    from lakeray.training.api import prepare
+    from lakeray.training.tune_watch import LISTENERS
+
+    started = time.perf_counter()
+    setup, plan = checked or validate_search(settings, tune, where)
+    plan = prepare(settings, setup.base, setup.base_where, plan)
+    folder = search_folder(settings, tune.name)
+    _check_folder(folder, tune.name, resume)
+    _check_fits(plan, where)
+    start_timeout_s = start_timeout_s or settings.profile.ray.op_timeout_s
+
+    trainable = ray_tune.with_resources(ray_tune.with_parameters(_trial, plan=plan, setup=setup),
+                                        {"CPU": plan.cpus_per_worker, "GPU": 1 if plan.use_gpu else 0})
+    listener = _Listener(setup, on_update, start_timeout_s)
+    LISTENERS[folder] = listener
+    try:
+        with _env(TUNE_GLOBAL_CHECKPOINT_S="2", RAY_AIR_NEW_OUTPUT="0"):
+            if resume:
+                tuner = ray_tune.Tuner.restore(folder, trainable, resume_unfinished=True, resume_errored=True)
+            else:
+                tuner = _new_tuner(settings, setup, plan, trainable, folder)
+            results = tuner.fit()
+    finally:
+        LISTENERS.pop(folder, None)
+    if listener.timed_out and not listener.any_started:
+        import ray
+
+        free = ray.available_resources().get("CPU", 0)
+        raise ClusterError(f"{where}: no trial started within {start_timeout_s:.0f} s: each needs "
+                           f"{plan.cpus_per_worker} CPU(s) and the cluster has {free:g} free",
+                           "free CPUs (`ray status`), lower cpus_per_worker, or raise ray.op_timeout_s")
+    from lakeray.training.tune_tracking import finish
+
+    return finish(settings, setup, plan, folder, results, listener.last, register, resume, started)
+
+
+def _check_folder(folder: str, name: str, resume: bool) -> None:
+    from ray.tune import Tuner
+
+    exists = os.path.isdir(folder) and Tuner.can_restore(folder)
+    if resume and not exists:
+        raise ConfigError(f"no search {name!r} to resume under {os.path.dirname(folder)}",
+                          "run it without --resume first (the spec's name is the search's folder)")
+    if not resume and os.path.exists(folder):
+        raise ConfigError(f"a search named {name!r} already exists ({folder})",
+                          "continue it with --resume, give the spec another name, or delete that folder")
+
+
+def _new_tuner(settings: Settings, setup: TuneSetup, plan: TrainPlan, trainable: Any, folder: str) -> Any:
+    import ray
+    from ray import tune as ray_tune
+    from ray.tune import CheckpointConfig, FailureConfig, RunConfig, TuneConfig
+
+    from lakeray.training.tune_watch import StartStopper, Watch
+
+    tune = setup.tune
+    space = {key: rng.tune_domain() for key, rng in tune.space.items()}
+    concurrent = _max_concurrent(settings, tune, plan.cpus_per_worker, ray.cluster_resources().get("CPU", 0))
+    limit: int | None = concurrent
+    if tune.search.algorithm == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        searcher = OptunaSearch(seed=tune.search.seed)  # Tune wraps it in a ConcurrencyLimiter
+    else:
+        from ray.tune.search import BasicVariantGenerator
+
+        # Tune ignores max_concurrent_trials for a SearchAlgorithm: the generator takes the limit itself.
+        searcher, limit = BasicVariantGenerator(random_state=tune.search.seed, max_concurrent=concurrent), None
+    scheduler = None
+    if tune.scheduler.kind == "asha":
+        from ray.tune.schedulers import ASHAScheduler
+
+        scheduler = ASHAScheduler(time_attr="rounds", max_t=setup.max_rounds, grace_period=tune.scheduler.grace_period,
+                                  reduction_factor=tune.scheduler.reduction_factor, brackets=1)
+    run_config = RunConfig(
+        name=tune.name, storage_path=os.path.dirname(folder), verbose=0, callbacks=[Watch(folder)],
+        stop=StartStopper(folder), failure_config=FailureConfig(max_failures=plan.spec.max_failures),
+        checkpoint_config=CheckpointConfig(num_to_keep=2))
+    tune_config = TuneConfig(metric=setup.metric_key, mode=setup.mode, search_alg=searcher, scheduler=scheduler,
+                             num_samples=tune.num_samples, max_concurrent_trials=limit,
+                             time_budget_s=tune.time_budget_s, reuse_actors=True)
+    return ray_tune.Tuner(trainable, param_space=space, tune_config=tune_config, run_config=run_config)
+
+
+def read_search_state(folder: str) -> dict[str, Any]:
+    path = os.path.join(folder, STATE_FILE)
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def write_search_state(folder: str, state: dict[str, Any]) -> None:
+    tmp = os.path.join(folder, STATE_FILE + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(state, fh, indent=2)
+    os.replace(tmp, os.path.join(folder, STATE_FILE))
+
+
+def remove_search(folder: str) -> None:
+    """Delete a search's folder (tests and `--restart`-like clean-ups)."""
+    shutil.rmtree(folder, ignore_errors=True)
+
