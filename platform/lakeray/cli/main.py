@@ -28,7 +28,8 @@ _COMMANDS = {
     "tables": ("lakeray.cli.tables_cmd", "tables", "Import data into Delta tables; list tables and their history."),
     "train": ("lakeray.cli.train_cmd", "train", "Train a model from a spec (jobs/training/*.yaml) on Ray; register it."),
     "tune": ("lakeray.cli.tune_cmd", "tune", "Search hyperparameters of a train spec with Ray Tune; register the best."),
-    "serve": ("lakeray.cli.serve_cmd", "serve", "Serve a registered model over HTTP with Ray Serve."),
+    "serve": ("lakeray.cli.serve_cmd", "serve", "Serve models with Ray Serve: deploy SPEC, list, status, delete."),
+    "predict": ("lakeray.cli.predict_cmd", "predict", "Score JSON instances with a deployed app (retries on 503)."),
     "models": ("lakeray.cli.models_cmd", "models", "Registered models: list, show, lineage, promote (champion gate)."),
     "cluster": ("lakeray.cli.cluster_cmd", "cluster", "Ray clusters: validate launcher YAMLs and KubeRay manifests."),
 }

@@ -1,31 +1,55 @@
+import json
+from typing import Any
+
 import click
 
 from lakeray.cli.main import settings_from
 
+_PRIVATE_RAY = ("no ray.address: lakeray starts a private local Ray for this command, and the endpoint lives only "
+                "while it runs")
 
-@click.command()
+
+@click.group(invoke_without_command=True)
 @click.option("--model-uri", default=None, help="models:/<name>@<alias> (default: the profile's model @champion).")
 @click.option("--port", type=click.IntRange(1, 65535), default=None, help="Override serve.port.")
 @click.pass_context
 def serve(ctx: click.Context, model_uri: str | None, port: int | None) -> None:
-    """Serve a registered model until Ctrl-C: POST /predict, GET /healthz."""
+    """Serve registered models over HTTP with Ray Serve.
+
+    Without a subcommand: serve one model on / (the profile's serve settings) until Ctrl-C or SIGTERM.
+    `serve deploy SPEC` deploys a jobs/serving/*.yaml spec to the cluster's Serve and returns.
+    """
+    if ctx.invoked_subcommand is not None:
+        ctx.obj = {**(ctx.obj or {}), "serve_port": port}
+        return
+    from lakeray.serving.deploy import spec_for_model
+
+    settings = _with_port(settings_from(ctx), port)
+    model_uri = model_uri or f"models:/{settings.profile.mlflow.model_name}@champion"
+    _serve_in_foreground(settings, spec_for_model(settings, model_uri), "serve section of the profile")
+
+
+def _with_port(settings: Any, port: int | None) -> Any:
+    if port is not None:
+        settings.profile.serve.port = port
+    return settings
+
+
+def _serve_in_foreground(settings: Any, spec: Any, where: str) -> None:
+    """Start Ray, deploy, serve until Ctrl-C or SIGTERM, then stop Ray (and with it Serve) and exit 0."""
     import signal
     import time
 
     from lakeray.cluster.ray_runtime import ray_session
-    from lakeray.serving.deploy import deploy_model
+    from lakeray.serving.deploy import deploy
 
-    settings = settings_from(ctx)
-    if port is not None:
-        settings.profile.serve.port = port
-    model_uri = model_uri or f"models:/{settings.profile.mlflow.model_name}@champion"
     with ray_session(settings):
         # Stopping is the normal end of a server: Ctrl-C, or SIGTERM from a supervisor (and from a shell that
         # started this in the background, where SIGINT arrives ignored), shut Ray down and exit 0. Set after
         # ray.init, whose own SIGTERM handler exits without a word.
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, _interrupt)
-        endpoint = deploy_model(settings, model_uri)
+        endpoint = deploy(settings, spec, where)
         click.echo(f"serving {endpoint.model} v{endpoint.model_version} at {endpoint.url}/predict (Ctrl-C stops)")
         try:
             while True:
@@ -36,3 +60,120 @@ def serve(ctx: click.Context, model_uri: str | None, port: int | None) -> None:
 
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
+
+
+def _cluster_settings(ctx: click.Context) -> Any:
+    from lakeray.errors import ClusterError
+
+    settings = _with_port(settings_from(ctx), (ctx.obj or {}).get("serve_port"))
+    if not settings.profile.ray.address:
+        raise ClusterError(f"{_PRIVATE_RAY}, so there is no running Serve to ask",
+                           "set ray.address (e.g. `ray start --head`, then LAKERAY_RAY__ADDRESS=auto) and deploy "
+                           "with `lakeray serve deploy SPEC`")
+    return settings
+
+
+@serve.command("deploy")
+@click.argument("spec_file", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (url, model, version, app).")
+@click.pass_context
+def deploy_cmd(ctx: click.Context, spec_file: str, as_json: bool) -> None:
+    """Deploy a serve spec (jobs/serving/*.yaml): validate, deploy, wait until healthy, print the URL.
+
+    With ray.address set, it returns and the endpoint keeps running in the cluster. Without one,
+    lakeray's private local Ray lives only as long as this command: it serves until Ctrl-C/SIGTERM.
+    """
+    from lakeray.cluster.ray_runtime import ray_session
+    from lakeray.serving.deploy import deploy
+    from lakeray.serving.spec import load_serve_spec
+
+    settings = _with_port(settings_from(ctx), (ctx.obj or {}).get("serve_port"))
+    spec = load_serve_spec(spec_file)
+    if not settings.profile.ray.address:
+        click.echo(f"{_PRIVATE_RAY}: serving in the foreground (set ray.address to deploy and return)", err=True)
+        _serve_in_foreground(settings, spec, spec_file)
+        return
+    with ray_session(settings):
+        endpoint = deploy(settings, spec, spec_file)
+    if as_json:
+        click.echo(json.dumps({"app": endpoint.app, "url": endpoint.url, "model": endpoint.model,
+                               "model_version": endpoint.model_version}))
+    else:
+        click.echo(f"deployed {endpoint.app}: {endpoint.model} v{endpoint.model_version} at {endpoint.url}/predict "
+                   f"(docs: {endpoint.url}/docs)")
+
+
+@serve.command("config")
+@click.argument("spec_file", type=click.Path(dir_okay=False))
+@click.pass_context
+def config_cmd(ctx: click.Context, spec_file: str) -> None:
+    """Print the Ray Serve config (ServeDeploySchema YAML) a spec compiles to, for `serve deploy` or KubeRay.
+
+    The model alias is pinned to its current version; with auth, only the token's digest is written.
+    """
+    import yaml
+
+    from lakeray.registry import resolve_alias
+    from lakeray.serving.spec import compile_app, deploy_config, load_serve_spec, model_uri
+
+    settings = _with_port(settings_from(ctx), (ctx.obj or {}).get("serve_port"))
+    spec = load_serve_spec(spec_file)
+    pinned = resolve_alias(settings, model_uri(spec)).version_uri
+    config = deploy_config([compile_app(spec, settings, pinned, where=spec_file)], settings, spec_file)
+    click.echo(yaml.safe_dump(config.model_dump(mode="json", exclude_unset=True), sort_keys=False))
+
+
+@serve.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON array.")
+@click.pass_context
+def list_cmd(ctx: click.Context, as_json: bool) -> None:
+    """The apps of the cluster's Serve: route, status, pinned model, replicas, URL."""
+    import dataclasses
+
+    from lakeray.cluster.ray_runtime import ray_session
+    from lakeray.serving.deploy import list_apps
+
+    settings = _cluster_settings(ctx)
+    with ray_session(settings):
+        apps = list_apps(settings)
+    if as_json:
+        click.echo(json.dumps([dataclasses.asdict(a) for a in apps]))
+        return
+    if not apps:
+        click.echo("no apps (deploy one with `lakeray serve deploy jobs/serving/<spec>.yaml`)")
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    out = Table("app", "route", "status", "model", "replicas", "url")
+    for app in apps:
+        replicas = ", ".join(f"{state.lower()} {n}" for state, n in sorted(app.replicas.items()))
+        out.add_row(app.name, app.route or "", app.status, app.model_uri or "", replicas, app.url or "")
+    Console().print(out)
+
+
+@serve.command("status")
+@click.argument("app")
+@click.pass_context
+def status_cmd(ctx: click.Context, app: str) -> None:
+    """One app as JSON: Serve status, replicas, pinned model, and its /healthz when running."""
+    from lakeray.cluster.ray_runtime import ray_session
+    from lakeray.serving.deploy import app_status
+
+    settings = _cluster_settings(ctx)
+    with ray_session(settings):
+        click.echo(json.dumps(app_status(settings, app), indent=2))
+
+
+@serve.command("delete")
+@click.argument("app")
+@click.pass_context
+def delete_cmd(ctx: click.Context, app: str) -> None:
+    """Remove one app from the cluster's Serve; the others keep serving."""
+    from lakeray.cluster.ray_runtime import ray_session
+    from lakeray.serving.deploy import delete_app
+
+    settings = _cluster_settings(ctx)
+    with ray_session(settings):
+        delete_app(settings, app)
+    click.echo(f"deleted {app}")

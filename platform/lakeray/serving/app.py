@@ -1,102 +1,220 @@
-"""The model endpoint: a Ray Serve deployment behind a FastAPI ingress.
+"""The model endpoint: a Ray Serve deployment whose FastAPI app is built at replica start from the model.
 
-``POST /predict`` takes ``{"instances": [{"<feature>": <number or null>, ...}, ...]}`` and returns
-one probability per instance. The request is validated against the model's own feature names: a
-missing or unknown feature, a string where a number belongs, an empty or oversized batch all get a
-422 naming the field (FastAPI's error format), never a 500. ``null`` means "missing" (XGBoost's NaN).
+Routes (under the app's route prefix):
 
-The replica resolves ``models:/<name>@<alias>`` to a concrete version once at start and reports it
-with every answer, so a prediction can always be traced to the model version that made it.
+- ``POST /predict`` ``{"instances": [{"<feature>": value, ...}, ...]}`` → ``{"predictions": [...],
+  "model", "model_version", "request_id"}``. The body schema is generated from the model's features
+  (:func:`lakeray.serving.model.instance_model`), so ``/docs`` and ``/openapi.json`` show the real
+  fields. Malformed input is a 422 naming the field (values given wrongly first, then missing
+  ones), never a 500; a body over ``max_request_bytes`` is a 413; with auth, a missing or wrong
+  bearer token is a 401. The request id is Serve's ``X-Request-Id`` (the caller's, or one the proxy
+  made), returned in the body and the header.
+- ``GET /healthz``: the model and version this replica serves, its features, batch and log figures.
+
+Requests are scored together with ``@serve.batch`` (one vectorised predict per batch). Each answer is
+queued for the prediction log (:mod:`lakeray.serving.prediction_log`) after it is computed.
+
+The replica resolves nothing: the deploy pinned the model version (``models:/name/N``) in the app's
+args, so moving an alias changes nothing until the next deploy. No ``from __future__ import
+annotations`` here: FastAPI and Ray's builder read these annotations at runtime.
 """
 
+import hashlib
+import hmac
+import time
+import uuid
+from collections import Counter
+from typing import Any, Optional
 
-import math
-from typing import Any
-
-from fastapi import FastAPI, HTTPException
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
-__all__ = ["PredictRequest", "PredictResponse", "ModelServer", "build_app"]
+__all__ = ["AppArgs", "PredictResponse", "ModelServer", "build_app"]
 
-api = FastAPI(title="lakeray model endpoint", docs_url="/docs")
+_MAX_REQUEST_ID = 200
+_MAX_ERRORS = 50
 
 
-class PredictRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class AppArgs(BaseModel):
+    """The application builder's arguments (the ``args`` of the generated Serve config)."""
 
-    instances: list[dict[str, float | None]] = Field(
-        min_length=1, description="Rows to score: feature name → value (null for missing)."
-    )
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    app: str
+    tracking_uri: str
+    model_uri: str = Field(description="models:/name/N: the version pinned at deploy time.")
+    max_rows: int = 10_000
+    max_request_bytes: int = 8 * 1024 * 1024
+    max_batch_size: int = 64
+    batch_wait_timeout_s: float = 0.002
+    token_sha256: Optional[str] = None
+    log_table_uri: Optional[str] = None
+    log_flush_rows: int = 1000
+    log_flush_seconds: float = 5.0
+    log_max_buffer_rows: int = 100_000
 
 
 class PredictResponse(BaseModel):
-    predictions: list[float]
+    predictions: list[Any] = Field(description="One score per instance (P(label = 1) for a binary model).")
     model: str
     model_version: int
+    request_id: str
 
 
-def _error(loc: list[Any], msg: str, kind: str = "value_error") -> dict[str, Any]:
-    return {"loc": loc, "msg": msg, "type": kind}
+class _BodyLimit:
+    """ASGI middleware: a body over ``limit`` bytes is answered 413 before anything parses it."""
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        for key, value in scope.get("headers", []):
+            if key == b"content-length" and value.isdigit() and int(value) > self.limit:
+                return await self._too_large(send)
+        body, more = bytearray(), True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return None  # the client went away
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.limit:
+                return await self._too_large(send)
+        replayed = False
+
+        async def replay() -> dict:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": bytes(body), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _too_large(self, send: Any) -> None:
+        import json
+
+        payload = json.dumps({"detail": [{"loc": ["body"], "type": "too_large",
+                                          "msg": f"request body over {self.limit} bytes"}]}).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]})
+        await send({"type": "http.response.body", "body": payload})
+
+
+def _errors(raw: list[dict]) -> list[dict]:
+    """FastAPI's validation errors as ``{loc, msg, type}`` (no echoed input: it may be a non-finite
+    number that JSON cannot carry); within an instance, wrongly given values before missing features."""
+    errors = [{"loc": list(e.get("loc", [])), "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))}
+              for e in raw]
+    errors.sort(key=lambda e: len(e["loc"]) > 2 and e["type"] == "missing")
+    return errors[:_MAX_ERRORS]
 
 
 @serve.deployment(name="model", max_ongoing_requests=64)
-@serve.ingress(api)
+@serve.ingress()
 class ModelServer:
-    def __init__(self, tracking_uri: str, model_uri: str, max_batch_rows: int):
-        import mlflow
-        import mlflow.xgboost
+    def __init__(self, args: dict):
+        import ray
 
-        mlflow.set_tracking_uri(tracking_uri)
-        mlflow.set_registry_uri(tracking_uri)
-        client = mlflow.MlflowClient()
-        name, _, alias = model_uri.removeprefix("models:/").partition("@")
-        if alias:
-            self.version = int(client.get_model_version_by_alias(name, alias).version)
-        else:
-            name, _, version = name.rpartition("/")
-            self.version = int(version)
-        self.name = name
-        # Pin the resolved version: moving the alias later must not change this replica's model.
-        self.booster = mlflow.xgboost.load_model(f"models:/{name}/{self.version}")
-        self.features: list[str] = list(self.booster.feature_names or [])
-        self._feature_set = set(self.features)
-        self.max_batch_rows = max_batch_rows
+        from lakeray.serving.model import instance_model, load_served_model
+        from lakeray.serving.prediction_log import PredictionLog
 
-    def _matrix(self, request: PredictRequest):
+        self.args = AppArgs.model_validate(args)
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
+        self.model = load_served_model(self.args.tracking_uri, self.args.model_uri, threads=max(1, round(cpus)))
+        self.instance = instance_model(self.model)
+        self.batch_sizes: Counter = Counter()
+        self._score.set_max_batch_size(self.args.max_batch_size)
+        self._score.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)
+        self.log = None
+        if self.args.log_table_uri:
+            self.log = PredictionLog(self.args.log_table_uri, self.args.app, self.model.name, self.model.version,
+                                     self.args.log_flush_rows, self.args.log_flush_seconds,
+                                     self.args.log_max_buffer_rows)
+
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.002)
+    async def _score(self, matrices: list) -> list:
         import numpy as np
 
-        if len(request.instances) > self.max_batch_rows:
-            raise HTTPException(422, [_error(["body", "instances"],
-                                             f"at most {self.max_batch_rows} instances per request")])
-        errors = []
-        for i, row in enumerate(request.instances):
-            for name in sorted(self._feature_set - row.keys()):
-                errors.append(_error(["body", "instances", i, name], "Field required", "missing"))
-            for name in sorted(row.keys() - self._feature_set):
-                errors.append(_error(["body", "instances", i, name],
-                                     "unknown feature for this model", "extra_forbidden"))
-            for name, value in row.items():
-                if value is not None and not math.isfinite(value):
-                    errors.append(_error(["body", "instances", i, name], "must be a finite number or null"))
-        if errors:
-            raise HTTPException(422, errors[:50])
-        return np.array([[math.nan if row[f] is None else row[f] for f in self.features]
-                         for row in request.instances], dtype=np.float32)
+        self.batch_sizes[len(matrices)] += 1
+        x = matrices[0] if len(matrices) == 1 else np.concatenate(matrices)
+        scores = self.model.predict(x)
+        out, start = [], 0
+        for m in matrices:
+            out.append(scores[start:start + len(m)])
+            start += len(m)
+        return out
 
-    @api.post("/predict", response_model=PredictResponse)
-    def predict(self, request: PredictRequest) -> PredictResponse:
-        x = self._matrix(request)
-        scores = self.booster.inplace_predict(x)
-        return PredictResponse(predictions=[float(s) for s in scores], model=self.name,
-                               model_version=self.version)
+    def __serve_build_asgi_app__(self):
+        from fastapi import Depends, FastAPI, HTTPException, Request
+        from fastapi.exceptions import RequestValidationError
+        from fastapi.responses import JSONResponse
 
-    @api.get("/healthz")
-    def healthz(self) -> dict[str, Any]:
-        return {"status": "ok", "model": self.name, "model_version": self.version, "features": self.features}
+        server, model, instance = self, self.model, self.instance
+        request_model = _request_model(instance, model, self.args.max_rows)
+        api = FastAPI(title=f"lakeray endpoint: {model.name} v{model.version}", docs_url="/docs",
+                      description=f"Scores instances with registered model {model.name} version {model.version} "
+                                  f"({model.kind}).")
+
+        @api.exception_handler(RequestValidationError)
+        async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+            return JSONResponse({"detail": _errors(exc.errors())}, status_code=422)
+
+        def authorised(request: Request) -> None:
+            if server.args.token_sha256 is None:
+                return
+            scheme, _, token = request.headers.get("authorization", "").partition(" ")
+            digest = hashlib.sha256(token.strip().encode()).hexdigest()
+            if scheme.lower() != "bearer" or not hmac.compare_digest(digest, server.args.token_sha256):
+                raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+
+        responses = {401: {"description": "missing or wrong bearer token"}, 413: {"description": "body too large"}}
+
+        @api.post("/predict", response_model=PredictResponse, dependencies=[Depends(authorised)],
+                  responses=responses)
+        async def predict(body: request_model, request: Request) -> PredictResponse:  # type: ignore[valid-type]
+            started = time.perf_counter()
+            # Serve's proxy puts the caller's X-Request-Id (or one it made) in the request and the reply.
+            given = request.headers.get("x-request-id", "")
+            request_id = given if 0 < len(given) <= _MAX_REQUEST_ID else uuid.uuid4().hex
+            rows = [item.model_dump(by_alias=True) for item in body.instances]
+            scores = await server._score(model.matrix(rows))
+            latency_ms = (time.perf_counter() - started) * 1000.0
+            if server.log is not None:
+                server.log.append(request_id, rows, scores, latency_ms)
+            return PredictResponse(predictions=scores, model=model.name, model_version=model.version,
+                                   request_id=request_id)
+
+        @api.get("/healthz")
+        def healthz() -> dict:
+            return {"status": "ok", "app": server.args.app, "model": model.name, "model_version": model.version,
+                    "kind": model.kind, "features": model.features,
+                    "batch_sizes": {str(k): v for k, v in sorted(server.batch_sizes.items())},
+                    "prediction_log": server.log.stats() if server.log is not None else None}
+
+        api.add_middleware(_BodyLimit, limit=self.args.max_request_bytes)
+        return api
+
+    def __del__(self):
+        log = getattr(self, "log", None)
+        if log is not None:
+            log.close()
 
 
-def build_app(tracking_uri: str, model_uri: str, max_batch_rows: int, num_replicas: int, replica_cpus: float):
-    return ModelServer.options(num_replicas=num_replicas, ray_actor_options={"num_cpus": replica_cpus}).bind(
-        tracking_uri, model_uri, max_batch_rows
+def _request_model(instance: Any, model: Any, max_rows: int) -> Any:
+    from pydantic import create_model
+
+    return create_model(
+        f"{model.name}_v{model.version}_request",
+        __config__=ConfigDict(extra="forbid", title=f"{model.name} v{model.version} request"),
+        instances=(list[instance], Field(..., min_length=1, max_length=max_rows,
+                                         description=f"Rows to score (1 to {max_rows}).")),
     )
+
+
+def build_app(args: dict):
+    """Ray Serve's application builder (``import_path: lakeray.serving.app:build_app``)."""
+    parsed = AppArgs.model_validate(args)
+    return ModelServer.bind(parsed.model_dump())
