@@ -202,3 +202,23 @@ def test_deploy_refuses_unknown_alias_and_oversized_replicas_before_deploying(se
     with pytest.raises(ConfigError, match="auth.token_env: the environment variable"):
         deploy(settings, _spec("no-token", "/nt", auth={"token_env": "LAKERAY_TEST_UNSET_TOKEN"}), environ={})
     assert {a.name for a in list_apps(settings)} == before
+
+
+def test_lakeray_predict_cli_scores_stdin_and_reports_401(endpoint, model):
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    lakeray = str(Path(sys.executable).parent / "lakeray")
+    command = [lakeray, "predict", "fraud-a", "--url", endpoint.url, "--token-env", TOKEN_ENV, "--json", "-"]
+    rows = json.dumps([_row(endpoint), _row(endpoint, f1=2.0)])
+    done = subprocess.run(command, input=rows, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, TOKEN_ENV: TOKEN})
+    assert done.returncode == 0, done.stderr
+    answer = json.loads(done.stdout)
+    assert len(answer["predictions"]) == 2 and answer["model_version"] == model.model.version
+    refused = subprocess.run(command, input=rows, capture_output=True, text=True, timeout=120,
+                             env={**os.environ, TOKEN_ENV: "wrong"})
+    assert refused.returncode == 1 and "HTTP 401" in refused.stderr and "bearer token" in refused.stderr

@@ -89,3 +89,93 @@ def test_missing_and_malformed_files(tmp_path):
     bad.write_text("- a list\n")
     with pytest.raises(ConfigError, match="top level must be a mapping"):
         load_serve_spec(bad)
+
+
+# The pieces of an endpoint that need no cluster: the prediction log's flushing and the client's retries.
+
+def test_prediction_log_commits_once_per_flush_and_keeps_rows_while_storage_fails(tmp_path):
+    import time
+
+    from deltalake import DeltaTable
+
+    from lakeray.serving.prediction_log import PredictionLog
+
+    path = str(tmp_path / "log")
+    log = PredictionLog(path, "fraud", "m", 3, flush_rows=3, flush_seconds=60)
+    log.append("r1", [{"a": 1.0}, {"a": None}], [0.1, 0.2], 1.5)
+    log.append("r2", [{"a": 2.0}], [0.3], 1.0)  # 3 rows: the thread flushes now, not after 60 s
+    deadline = time.monotonic() + 30
+    while log.commits < 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    table = DeltaTable(path)
+    assert log.commits == 1 and table.version() == 0  # one commit for both requests
+    rows = table.to_pyarrow_table().to_pylist()
+    assert [(r["request_id"], r["row"], r["prediction"]) for r in rows] == [("r1", 0, 0.1), ("r1", 1, 0.2), ("r2", 0, 0.3)]
+    assert rows[1]["inputs"] == '{"a":null}' and {r["model_version"] for r in rows} == {3}
+    log.close()
+
+    blocked = tmp_path / "not_a_folder"
+    blocked.write_text("x")
+    failing = PredictionLog(str(blocked), "fraud", "m", 3, flush_rows=100, flush_seconds=60, max_buffer_rows=3)
+    failing.append("a", [{"a": 1.0}, {"a": 2.0}], [0.1, 0.2], 1.0)
+    assert failing.flush() == 0 and failing.last_error
+    assert failing.stats()["rows_pending"] == 2  # kept for the next try
+    failing.append("b", [{"a": 3.0}, {"a": 4.0}], [0.3, 0.4], 1.0)  # over max_buffer_rows: the oldest go
+    assert failing.stats()["rows_pending"] == 2 and failing.rows_dropped == 2
+    failing.close(timeout_s=5)
+
+
+def _server(statuses):
+    """A loopback HTTP server answering the given statuses in turn (then 200), with JSON bodies."""
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    calls = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers["content-length"]))
+            calls.append(self.headers.get("authorization"))
+            status = statuses[len(calls) - 1] if len(calls) <= len(statuses) else 200
+            body = {"predictions": [0.5], "model": "m", "model_version": 1, "request_id": "x"} if status == 200 else \
+                {"detail": [{"loc": ["body", "instances", 0, "amount"], "msg": "Field required", "type": "missing"}]}
+            payload = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}", calls
+
+
+def test_client_retries_503_and_reports_refusals():
+    from lakeray.serving.client import Client, EndpointError
+
+    server, url, calls = _server([503, 503])
+    try:
+        with Client(url, token="t", retries=3, backoff_s=0.01) as client:
+            assert client.predict([{"amount": 1.0}])["predictions"] == [0.5]
+        assert calls == ["Bearer t"] * 3
+    finally:
+        server.shutdown()
+    server, url, calls = _server([422])
+    try:
+        with Client(url, retries=3, backoff_s=0.01) as client, pytest.raises(EndpointError) as err:
+            client.predict([{}])
+        assert err.value.status == 422 and "body.instances.0.amount: Field required" in err.value.headline
+        assert len(calls) == 1  # a refusal is not retried
+    finally:
+        server.shutdown()
+    server, url, calls = _server([503] * 10)
+    try:
+        with Client(url, retries=2, backoff_s=0.01) as client, pytest.raises(EndpointError, match="after 3 attempts"):
+            client.predict([{}])
+    finally:
+        server.shutdown()
