@@ -110,6 +110,8 @@ class RayHandle:
         ray.shutdown()
 
 
+_TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
+
 # Ray's driver-side loggers (each has its own handler on the terminal).
 _RAY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "ray.serve", "ray.util", "ray.air")
 _WORKER_STREAM = "ray_print_logs"  # the name Ray gives its worker-output handler (ray.shutdown removes it)
@@ -247,6 +249,13 @@ def start_ray(settings: Settings) -> RayHandle:
         # cluster's HAProxy would die on start. Take free ports unless the operator pinned them.
         for key in ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT"):
             os.environ.setdefault(key, str(_free_port()))
+    # Ray Train V2's controller polls its workers every 2 s, and a worker's ray.train.report waits for
+    # that poll: each checkpoint cost ~2 s and the end of every fit up to 2 s more. Polling every
+    # 0.2 s cut a 2-worker, 60-round fit with 6 checkpoints from 7.8 s of training to 1.1 s and its
+    # start-up by ~40% (docs/training.md). Read by the controller's process, so it goes into the
+    # environment Ray starts processes with (a remote cluster gets it through the job's runtime env).
+    for key, value in _TRAIN_ENV.items():
+        os.environ.setdefault(key, value)
     # Ray logs "deduplication" and usage-stats banners that drown the CLI's output.
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
@@ -265,7 +274,7 @@ def start_ray(settings: Settings) -> RayHandle:
     sink, restore = _loggers_to_file(log_file) if log_file else (None, None)
     try:
         if cfg.address:
-            ray.init(address=cfg.address, **kwargs)
+            ray.init(address=cfg.address, runtime_env={"env_vars": {k: os.environ[k] for k in _TRAIN_ENV}}, **kwargs)
             owns = False
         else:
             num_cpus = cfg.num_cpus or local_num_cpus()
