@@ -165,7 +165,9 @@ class _Listener:
 
     def update(self, trials: list[Any]) -> None:
         rows = [_status(t, self.setup) for t in trials]
-        if any(r.state != "PENDING" for r in rows):
+        if self.timed_out:
+            pass  # the stopper ends the trials now: their new states say nothing about starting
+        elif any(r.state != "PENDING" for r in rows):
             self.any_started = True
         elif time.monotonic() - self.started > self.start_timeout_s and trials:
             self.timed_out = True
@@ -293,7 +295,9 @@ def search(settings: Settings, tune: TuneSpec, where: str = "tune spec", resume:
                 tuner = ray_tune.Tuner.restore(folder, trainable, resume_unfinished=True, resume_errored=True)
             else:
                 tuner = _new_tuner(settings, setup, plan, trainable, folder)
+            fit_started = time.perf_counter()
             results = tuner.fit()
+            fit_s = time.perf_counter() - fit_started
     finally:
         LISTENERS.pop(folder, None)
     if listener.timed_out and not listener.any_started:
@@ -305,7 +309,9 @@ def search(settings: Settings, tune: TuneSpec, where: str = "tune spec", resume:
                            "free CPUs (`ray status`), lower cpus_per_worker, or raise ray.op_timeout_s")
     from lakeray.training.tune_tracking import finish
 
-    return finish(settings, setup, plan, folder, results, listener.last, register, resume, started)
+    report = finish(settings, setup, plan, folder, results, listener.last, register, resume, started)
+    report.extra["search_s"] = round(fit_s, 2)  # Tune's fit alone: trials, scheduling, checkpoints
+    return report
 
 
 def _check_folder(folder: str, name: str, resume: bool) -> None:

@@ -1,0 +1,223 @@
+"""`lakeray tune` on a real local Ray: ASHA stops weak trials early and the best is registered as challenger
+(MLflow parent run with one child per trial); Optuna with a seed draws the same configurations twice; a
+search whose driver is SIGKILLed continues with --resume without rerunning finished trials; spec errors
+and a search that cannot place a trial fail before any trial, naming the field or the reason."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lakeray.errors import ClusterError, ConfigError
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def tune_table(settings):
+    """12k rows, 8 numeric features, a label that depends on four of them (written with deltalake)."""
+    import pandas as pd
+    from deltalake import write_deltalake
+
+    rng = np.random.default_rng(11)
+    rows = 12_000
+    x = rng.normal(size=(rows, 8))
+    logit = 1.5 * x[:, 0] - x[:, 1] + 0.8 * x[:, 2] * x[:, 3]
+    frame = pd.DataFrame(x, columns=[f"f{i}" for i in range(8)])
+    frame["row_id"] = np.arange(rows, dtype=np.int64)
+    frame["label"] = (rng.random(rows) < 1 / (1 + np.exp(-logit))).astype(np.int64)
+    write_deltalake(settings.table_path("tune_set"), frame)
+    return "tune_set"
+
+
+def _spec(table: str, name: str, **overrides) -> dict:
+    body = {
+        "name": name,
+        "train": {"name": f"{name}_base", "model": {"kind": "xgboost", "rounds": 60, "params": {"eta": 0.1}},
+                  "training_set": table, "label": "label", "features": {"all_except": []},
+                  "split": {"kind": "hash", "column": "row_id"},
+                  "scaling": {"num_workers": 1, "cpus_per_worker": 1, "use_gpu": False},
+                  "registry": {"model_name": "tune_test", "alias": "challenger"}},
+        "space": {"max_depth": {"int": [1, 8]}, "eta": {"loguniform": [0.005, 0.3]}},
+        "scheduler": {"kind": "asha", "grace_period": 10, "reduction_factor": 3},
+        "num_samples": 8, "max_concurrent": 2,
+    }
+    body.update(overrides)
+    return body
+
+
+def _search(settings, body, **kwargs):
+    from lakeray.training.tune import TuneSpec, search
+
+    return search(settings, TuneSpec.parse(body, f"{body['name']}.yaml"), f"{body['name']}.yaml", **kwargs)
+
+
+def test_asha_stops_most_trials_early_and_registers_the_best_as_challenger(settings, ray_handle, tune_table):
+    from lakeray.registry import mlflow_client
+
+    report = _search(settings, _spec(tune_table, "asha"))
+    trials = report.trials
+    assert len(trials) == 8 and all(t.state == "TERMINATED" for t in trials)
+    stopped = [t for t in trials if t.rounds < 60]
+    assert len(stopped) > len(trials) / 2 and all(t.stopped_early for t in stopped)
+    assert report.rounds_run < report.rounds_budget == 8 * 60
+    # The best is the best finished trial, and its model is what got registered and scored.
+    finished = [t for t in trials if t.final]
+    assert report.best.metric == max(t.metric for t in finished) and report.best.rounds == 60
+    assert report.model is not None and report.model.alias == "challenger"
+    client = mlflow_client(settings)
+    version = client.get_model_version_by_alias("tune_test", "challenger")
+    assert int(version.version) == report.model.version
+    assert abs(report.evaluation.metrics["auc"] - report.best.metric) < 1e-6  # the same held-out rows
+    # One parent run; one child per trial (the best trial's child is the registered run).
+    parent = client.get_run(report.parent_run_id)
+    assert parent.data.tags["lakeray.best_trial"] == report.best.trial_id
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{report.parent_run_id}'")
+    assert len(children) == 8 and version.run_id in {c.info.run_id for c in children}
+    history = client.get_metric_history(children[0].info.run_id, "valid_auc")
+    assert history and all(m.step % 10 == 0 for m in history)
+    artifacts = {a.path for a in client.list_artifacts(report.parent_run_id, "plots")}
+    assert "plots/trials.png" in artifacts
+
+
+def test_optuna_with_a_seed_draws_the_same_configurations(settings, ray_handle, tune_table):
+    def configs(name: str) -> list[dict]:
+        body = _spec(tune_table, name, search={"algorithm": "optuna", "seed": 3}, num_samples=4,
+                     scheduler={"kind": "none"})
+        body["train"]["model"]["rounds"] = 10
+        report = _search(settings, body, register=False)
+        return [t.config for t in report.trials]  # in the order the searcher drew them
+
+    first, second = configs("optuna_a"), configs("optuna_b")
+    assert first == second and len({json.dumps(c, sort_keys=True) for c in first}) == 4
+
+
+@pytest.mark.parametrize(("space", "field"), [
+    ({"max_dpth": {"int": [2, 6]}}, "space.max_dpth"),
+    ({"eta": {"uniform": [0.3, 0.1]}}, "space.eta"),
+    ({"eta": {"loguniform": [0.0, 0.3]}}, "space.eta"),
+    ({"max_depth": {"choice": []}}, "space.max_depth"),
+])
+def test_spec_errors_fail_before_any_trial(settings, ray_handle, tune_table, space, field):
+    from lakeray.training.tune import search_folder
+
+    with pytest.raises(ConfigError) as err:
+        _search(settings, _spec(tune_table, "bad_space", space=space))
+    assert f"bad_space.yaml: {field}" in err.value.headline
+    assert not os.path.exists(search_folder(settings, "bad_space"))
+
+
+def test_a_metric_the_trainer_does_not_report_and_a_trial_that_cannot_fit_fail_up_front(settings, ray_handle,
+                                                                                        tune_table):
+    from lakeray.training.tune import search_folder
+
+    with pytest.raises(ConfigError, match="metric: 'rmse' is not a metric the trials report"):
+        _search(settings, _spec(tune_table, "bad_metric", metric={"name": "rmse"}))
+    body = _spec(tune_table, "too_big")
+    body["train"]["scaling"]["cpus_per_worker"] = 64
+    with pytest.raises(ClusterError, match="no trial could ever start"):
+        _search(settings, body)
+    assert not os.path.exists(search_folder(settings, "bad_metric"))
+    assert not os.path.exists(search_folder(settings, "too_big"))
+
+
+def test_a_search_that_cannot_place_a_trial_says_why_within_the_wait(settings, ray_handle, tune_table):
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    # Every CPU of the cluster held by someone else: the trials wait in line, and the search gives up.
+    held = placement_group([{"CPU": ray.cluster_resources()["CPU"]}])
+    ray.get(held.ready(), timeout=60)
+    try:
+        started = time.monotonic()
+        with pytest.raises(ClusterError, match="no trial started within 5 s"):
+            _search(settings, _spec(tune_table, "no_room"), start_timeout_s=5)
+        assert time.monotonic() - started < 60
+    finally:
+        remove_placement_group(held)
+
+
+def _descendants(pid: int) -> list[int]:
+    parents: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                with open(f"/proc/{entry}/stat", encoding="utf-8") as fh:
+                    ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
+                parents.setdefault(ppid, []).append(int(entry))
+    found, stack = [], [pid]
+    while stack:
+        for child in parents.get(stack.pop(), []):
+            found.append(child)
+            stack.append(child)
+    return found
+
+
+def _finished_trials(folder: Path) -> dict[str, int]:
+    """Trial folder → reported results, for each trial whose last result is its final one."""
+    done = {}
+    for result in folder.glob("*/result.json"):
+        lines = [json.loads(x) for x in result.read_text().splitlines() if x.strip()]
+        if lines and lines[-1].get("final"):
+            done[result.parent.name] = len(lines)
+    return done
+
+
+def test_a_killed_search_resumes_without_rerunning_finished_trials(settings, tune_table, tmp_path):
+    import yaml
+
+    body = _spec(tune_table, "killed", num_samples=6, scheduler={"kind": "none"})
+    body["train"]["model"]["rounds"] = 40
+    body["train"]["model"]["params"]["max_depth"] = 6
+    spec_file = tmp_path / "killed.yaml"
+    spec_file.write_text(yaml.safe_dump(body))
+    env = {**os.environ, "LAKERAY_STORAGE__ROOT": settings.storage_root, "LAKERAY_RAY__OP_TIMEOUT_S": "300"}
+    cli = [os.path.join(os.path.dirname(sys.executable), "lakeray"), "--config", str(REPO / "lakeray.yaml")]
+    folder = Path(settings.storage_root, "tune_runs", "killed")
+    driver = subprocess.Popen([*cli, "tune", str(spec_file), "--json", "--no-register"], env=env,
+                              start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and driver.poll() is None:
+            if folder.exists() and len(_finished_trials(folder)) >= 2:
+                break
+            time.sleep(0.3)
+        assert driver.poll() is None, driver.stdout.read().decode()[-3000:]
+        time.sleep(3)  # Tune saves the experiment's state every 2 s: the finished trials are in it
+        before = _finished_trials(folder)
+        assert 2 <= len(before) < 6, "the search finished before its driver was killed"
+        tree = _descendants(driver.pid)
+        os.killpg(driver.pid, signal.SIGKILL)
+        for child in tree:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGKILL)
+        driver.wait(30)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+    time.sleep(2)
+    resumed = subprocess.run([*cli, "tune", str(spec_file), "--resume", "--json", "--no-register"], env=env,
+                             capture_output=True, text=True, timeout=400)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    summary = json.loads(resumed.stdout[resumed.stdout.index("{"):])
+    assert summary["resumed"] and len(summary["trials"]) == 6
+    assert all(t["final"] and t["rounds"] == 40 for t in summary["trials"])
+    after = _finished_trials(folder)
+    # A finished trial was not trained again: it reported exactly what it had reported before the kill.
+    assert {name: after[name] for name in before} == before
+    # Running the same spec again without --resume is refused rather than mixed into the old search.
+    again = subprocess.run([*cli, "tune", str(spec_file), "--json"], env=env, capture_output=True, text=True,
+                           timeout=120)
+    assert again.returncode == 2 and "already exists" in again.stderr
