@@ -222,3 +222,34 @@ def test_lakeray_predict_cli_scores_stdin_and_reports_401(endpoint, model):
     refused = subprocess.run(command, input=rows, capture_output=True, text=True, timeout=120,
                              env={**os.environ, TOKEN_ENV: "wrong"})
     assert refused.returncode == 1 and "HTTP 401" in refused.stderr and "bearer token" in refused.stderr
+
+
+def test_canary_takes_its_share_then_promote_moves_all_traffic(settings, model):
+    from lakeray.registry import mlflow_client
+    from lakeray.serving.deploy import delete_app, deploy, promote_app
+
+    client = mlflow_client(settings)
+    first = client.get_model_version("serving_test", str(model.model.version))
+    # A second version of the same model (a challenger): the split is seen in the versions that answer.
+    second = client.create_model_version("serving_test", source=first.source, run_id=first.run_id)
+    client.set_registered_model_alias("serving_test", "challenger", second.version)
+    spec = _spec("fraud-canary", "/fraud-canary", prediction_log={"enabled": False},
+                 canary={"model": "serving_test@challenger", "percent": 30})
+    endpoint = deploy(settings, spec)
+    try:
+        health = httpx.get(f"{endpoint.url}/healthz", timeout=10).json()
+        assert health["canary"] == {"model": "serving_test", "model_version": int(second.version), "percent": 30.0}
+        versions = [httpx.post(f"{endpoint.url}/predict", json={"instances": [_row(endpoint)]},
+                               headers={"x-request-id": f"canary-{i}"}, timeout=30).json()["model_version"]
+                    for i in range(200)]
+        share = versions.count(int(second.version)) / len(versions)
+        assert set(versions) == {model.model.version, int(second.version)} and 0.2 <= share <= 0.4, share
+        promoted = promote_app(settings, "fraud-canary")
+        assert promoted.model_version == int(second.version)
+        versions = {httpx.post(f"{endpoint.url}/predict", json={"instances": [_row(endpoint)]},
+                               timeout=30).json()["model_version"] for _ in range(20)}
+        assert versions == {int(second.version)}
+        with pytest.raises(ConfigError, match="has no canary to promote"):
+            promote_app(settings, "fraud-canary")
+    finally:
+        delete_app(settings, "fraud-canary")

@@ -179,3 +179,16 @@ def test_client_retries_503_and_reports_refusals():
             client.predict([{}])
     finally:
         server.shutdown()
+
+
+def test_a_canary_is_pinned_in_the_args_and_checked(settings):
+    spec = _spec(canary={"model": "lakeray_fraud_xgb@challenger", "percent": 10})
+    app = compile_app(spec, settings, PINNED, canary_uri="models:/lakeray_fraud_xgb/4")
+    assert (app.args["canary_uri"], app.args["canary_percent"]) == ("models:/lakeray_fraud_xgb/4", 10)
+    assert compile_app(_spec(), settings, PINNED).args["canary_uri"] is None
+    for percent, message in [(0, "canary.percent: Input should be greater than 0"),
+                             (100, "canary.percent: Input should be less than 100")]:
+        with pytest.raises(ConfigError, match=message):
+            _spec(canary={"model": "m@challenger", "percent": percent})
+    with pytest.raises(ConfigError, match="canary.model: 'm': write name@alias"):
+        _spec(canary={"model": "m", "percent": 5})

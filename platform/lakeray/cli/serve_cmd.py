@@ -165,6 +165,23 @@ def status_cmd(ctx: click.Context, app: str) -> None:
         click.echo(json.dumps(app_status(settings, app), indent=2))
 
 
+@serve.command("promote")
+@click.argument("app")
+@click.pass_context
+def promote_cmd(ctx: click.Context, app: str) -> None:
+    """Move all of APP's traffic to its canary (the challenger becomes the app's model).
+
+    Registry aliases are untouched: `lakeray models promote` moves champion.
+    """
+    from lakeray.cluster.ray_runtime import ray_session
+    from lakeray.serving.deploy import promote_app
+
+    settings = _cluster_settings(ctx)
+    with ray_session(settings):
+        endpoint = promote_app(settings, app)
+    click.echo(f"promoted {app}: all traffic to {endpoint.model} v{endpoint.model_version} at {endpoint.url}/predict")
+
+
 @serve.command("delete")
 @click.argument("app")
 @click.pass_context

@@ -23,6 +23,7 @@ import hashlib
 import hmac
 import time
 import uuid
+import zlib
 from collections import Counter
 from typing import Any, Optional
 
@@ -52,6 +53,8 @@ class AppArgs(BaseModel):
     log_flush_rows: int = 1000
     log_flush_seconds: float = 5.0
     log_max_buffer_rows: int = 100_000
+    canary_uri: Optional[str] = Field(None, description="models:/name/N of the challenger, or none.")
+    canary_percent: float = Field(0.0, ge=0, lt=100)
 
 
 class PredictResponse(BaseModel):
@@ -125,9 +128,16 @@ class ModelServer:
         cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
         self.model = load_served_model(self.args.tracking_uri, self.args.model_uri, threads=max(1, round(cpus)))
         self.instance = instance_model(self.model)
+        self.canary = None
+        if self.args.canary_uri and self.args.canary_percent > 0:
+            self.canary = load_served_model(self.args.tracking_uri, self.args.canary_uri, threads=max(1, round(cpus)))
+            if (self.canary.features, self.canary.categorical) != (self.model.features, self.model.categorical):
+                raise ValueError(f"canary {self.args.canary_uri} has other features than {self.args.model_uri}: "
+                                 "a canary must take the same request")
         self.batch_sizes: Counter = Counter()
-        self._score.set_max_batch_size(self.args.max_batch_size)
-        self._score.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)
+        for batched in (self._score, self._score_canary):
+            batched.set_max_batch_size(self.args.max_batch_size)
+            batched.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)
         self.log = None
         if self.args.log_table_uri:
             self.log = PredictionLog(self.args.log_table_uri, self.args.app, self.model.name, self.model.version,
@@ -136,16 +146,30 @@ class ModelServer:
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.002)
     async def _score(self, matrices: list) -> list:
+        return self._vectorised(self.model, matrices)
+
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.002)
+    async def _score_canary(self, matrices: list) -> list:
+        return self._vectorised(self.canary, matrices)
+
+    def _vectorised(self, model: Any, matrices: list) -> list:
+        """One predict for the whole batch, split back per request."""
         import numpy as np
 
         self.batch_sizes[len(matrices)] += 1
         x = matrices[0] if len(matrices) == 1 else np.concatenate(matrices)
-        scores = self.model.predict(x)
+        scores = model.predict(x)
         out, start = [], 0
         for m in matrices:
             out.append(scores[start:start + len(m)])
             start += len(m)
         return out
+
+    def _to_canary(self, request_id: str) -> bool:
+        """The challenger's share, by a hash of the request id (a retried request goes the same way)."""
+        if self.canary is None:
+            return False
+        return zlib.crc32(request_id.encode()) % 10_000 < self.args.canary_percent * 100
 
     def __serve_build_asgi_app__(self):
         from fastapi import Depends, FastAPI, HTTPException, Request
@@ -180,17 +204,23 @@ class ModelServer:
             given = request.headers.get("x-request-id", "")
             request_id = given if 0 < len(given) <= _MAX_REQUEST_ID else uuid.uuid4().hex
             rows = [item.model_dump(by_alias=True) for item in body.instances]
-            scores = await server._score(model.matrix(rows))
+            canary = server._to_canary(request_id)
+            served = server.canary if canary else model
+            matrix = model.matrix(rows)
+            scores = await (server._score_canary(matrix) if canary else server._score(matrix))
             latency_ms = (time.perf_counter() - started) * 1000.0
             if server.log is not None:
-                server.log.append(request_id, rows, scores, latency_ms)
-            return PredictResponse(predictions=scores, model=model.name, model_version=model.version,
+                server.log.append(request_id, rows, scores, latency_ms, served.name, served.version)
+            return PredictResponse(predictions=scores, model=served.name, model_version=served.version,
                                    request_id=request_id)
 
         @api.get("/healthz")
         def healthz() -> dict:
+            canary = server.canary
             return {"status": "ok", "app": server.args.app, "model": model.name, "model_version": model.version,
                     "kind": model.kind, "features": model.features,
+                    "canary": {"model": canary.name, "model_version": canary.version,
+                               "percent": server.args.canary_percent} if canary is not None else None,
                     "batch_sizes": {str(k): v for k, v in sorted(server.batch_sizes.items())},
                     "prediction_log": server.log.stats() if server.log is not None else None}
 

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from lakeray.config import Settings
     from lakeray.serving.spec import ServeSpec
 
-__all__ = ["Endpoint", "AppInfo", "deploy", "deploy_model", "list_apps", "app_status", "delete_app",
+__all__ = ["Endpoint", "AppInfo", "deploy", "deploy_model", "promote_app", "list_apps", "app_status", "delete_app",
            "spec_for_model", "endpoint_host", "APP_NAME"]
 
 APP_NAME = "lakeray"
@@ -69,29 +69,60 @@ def deploy_model(settings: Settings, model_uri: str, route_prefix: str = "/", ap
 def deploy(settings: Settings, spec: ServeSpec, where: str = "serve spec",
            environ: dict[str, str] | None = None) -> Endpoint:
     """Validate, apply and wait until healthy; returns the endpoint (it keeps running in the cluster)."""
-    import httpx
-    from ray import serve
-
     from lakeray.registry import resolve_alias
     from lakeray.serving.spec import compile_app, model_uri
 
     uri = model_uri(spec)
     expected = resolve_alias(settings, uri)  # ModelRegistryError now, rather than a replica crash loop
-    app = compile_app(spec, settings, expected.version_uri, environ, where)
+    canary = resolve_alias(settings, model_uri(spec.canary)).version_uri if spec.canary else None
+    app = compile_app(spec, settings, expected.version_uri, environ, where, canary)
     _check_resources(spec, where)
-    cfg = settings.profile.serve
     host = endpoint_host(settings)
     _start_serve(settings, host)
     client = _client()
     config = _merged_config(settings, client, app, where)
     client.deploy_apps(config)
-    url = f"http://{_url_host(host)}:{cfg.port}{spec.route.rstrip('/')}"
+    return _wait_healthy(settings, spec.name, spec.route, expected.version, uri)
+
+
+def promote_app(settings: Settings, name: str) -> Endpoint:
+    """Move all of an app's traffic to its canary: the challenger becomes the app's model (the registry's
+    aliases are untouched: `lakeray models promote` moves those)."""
+    from ray.serve.schema import ServeApplicationSchema
+
+    from lakeray.serving.spec import deploy_config
+
+    client = _client_or_none()
+    apps = (client.get_serve_details().get("applications") or {}) if client is not None else {}
+    detail = apps.get(name) or {}
+    config = detail.get("deployed_app_config") or {}
+    canary = (config.get("args") or {}).get("canary_uri")
+    if not canary:
+        raise ConfigError(f"app {name!r} has no canary to promote" if detail else f"no app {name!r} in this Serve",
+                          "deploy a spec with `canary: {model: NAME@challenger, percent: 10}` first")
+    args = {**config["args"], "model_uri": canary, "canary_uri": None, "canary_percent": 0.0}
+    promoted = ServeApplicationSchema.model_validate({**config, "args": args})
+    others = [ServeApplicationSchema.model_validate(d["deployed_app_config"]) for n, d in apps.items()
+              if n != name and d.get("source") == "declarative" and d.get("deployed_app_config")]
+    client.deploy_apps(deploy_config([*others, promoted], settings, f"promote {name}"))
+    version = int(canary.rsplit("/", 1)[1])
+    return _wait_healthy(settings, name, promoted.route_prefix or "/", version, canary)
+
+
+def _wait_healthy(settings: Settings, name: str, route: str, version: int, uri: str) -> Endpoint:
+    """Until the app is RUNNING and its /healthz reports ``version``; ClusterError on DEPLOY_FAILED or
+    after ``ray.op_timeout_s``."""
+    import httpx
+    from ray import serve
+
+    expected_version = version
+    url = f"http://{_url_host(endpoint_host(settings))}:{settings.profile.serve.port}{route.rstrip('/')}"
     deadline = time.monotonic() + settings.profile.ray.op_timeout_s
     last_error = "no answer"
     while time.monotonic() < deadline:
-        app_status = serve.status().applications.get(spec.name)
+        app_status = serve.status().applications.get(name)
         if app_status is not None and app_status.status == "DEPLOY_FAILED":
-            raise ClusterError(f"Ray Serve could not deploy {uri} (version {expected.version}): "
+            raise ClusterError(f"Ray Serve could not deploy {uri} (version {expected_version}): "
                                f"{_failure_reason(app_status)}",
                                "see the replica log (`ray logs`, /tmp/ray/session_latest/logs/serve/)")
         if app_status is not None and app_status.status == "RUNNING":
@@ -99,10 +130,10 @@ def deploy(settings: Settings, spec: ServeSpec, where: str = "serve spec",
                 reply = httpx.get(f"{url}/healthz", timeout=5.0)
                 if reply.status_code == 200:
                     body = reply.json()
-                    if int(body.get("model_version", -1)) == expected.version:
-                        return Endpoint(url, body["model"], expected.version, list(body["features"]), spec.name)
+                    if int(body.get("model_version", -1)) == expected_version:
+                        return Endpoint(url, body["model"], expected_version, list(body["features"]), name)
                     # The previous deployment still answering while the new one rolls out.
-                    last_error = f"it serves model version {body.get('model_version')}, not {expected.version}"
+                    last_error = f"it serves model version {body.get('model_version')}, not {expected_version}"
                 else:
                     last_error = f"HTTP {reply.status_code}"
             except httpx.HTTPError as exc:

@@ -34,6 +34,8 @@ class _Entry:
     rows: list[dict[str, Any]]
     predictions: list[Any]
     latency_ms: float
+    model: str
+    model_version: int
 
 
 def _finite(value: Any) -> Any:
@@ -59,9 +61,12 @@ class PredictionLog:
         self._thread = threading.Thread(target=self._run, name="lakeray-prediction-log", daemon=True)
         self._thread.start()
 
-    def append(self, request_id: str, rows: list[dict[str, Any]], predictions: list[Any], latency_ms: float) -> None:
-        """Queue one request's rows (cheap: the request path does no I/O here)."""
-        entry = _Entry(request_id, time.time_ns() // 1000, rows, predictions, latency_ms)
+    def append(self, request_id: str, rows: list[dict[str, Any]], predictions: list[Any], latency_ms: float,
+               model: str | None = None, model_version: int | None = None) -> None:
+        """Queue one request's rows (cheap: the request path does no I/O here). ``model``/``model_version``:
+        the model that answered, when not the log's own (a canary)."""
+        entry = _Entry(request_id, time.time_ns() // 1000, rows, predictions, latency_ms,
+                       model or self.model, self.model_version if model_version is None else model_version)
         with self._lock:
             self._pending.append(entry)
             self._pending_rows += len(rows)
@@ -109,19 +114,20 @@ class PredictionLog:
         for entry in entries:
             for index, (row, prediction) in enumerate(zip(entry.rows, entry.predictions, strict=True)):
                 cols["request_id"].append(entry.request_id)
+                cols["model"].append(entry.model)
+                cols["model_version"].append(entry.model_version)
                 cols["ts"].append(entry.ts_us)
                 cols["row"].append(index)
                 cols["inputs"].append(json.dumps({k: _finite(v) for k, v in row.items()}, separators=(",", ":")))
                 cols["prediction"].append(float(prediction) if not isinstance(prediction, list) else
                                           float(prediction[-1]))
                 cols["latency_ms"].append(entry.latency_ms)
-        n = len(cols["request_id"])
         return pa.table({
             "request_id": pa.array(cols["request_id"], pa.string()),
             "ts": pa.array(cols["ts"], pa.int64()).cast(pa.timestamp("us", tz="UTC")),
-            "app": pa.array([self.app] * n, pa.string()),
-            "model": pa.array([self.model] * n, pa.string()),
-            "model_version": pa.array([self.model_version] * n, pa.int64()),
+            "app": pa.array([self.app] * len(cols["request_id"]), pa.string()),
+            "model": pa.array(cols["model"], pa.string()),
+            "model_version": pa.array(cols["model_version"], pa.int64()),
             "row": pa.array(cols["row"], pa.int32()),
             "inputs": pa.array(cols["inputs"], pa.string()),
             "prediction": pa.array(cols["prediction"], pa.float64()),

@@ -25,7 +25,7 @@ from lakeray.errors import ConfigError
 if TYPE_CHECKING:
     from lakeray.config import Settings
 
-__all__ = ["ServeSpec", "load_serve_spec", "model_uri", "compile_app", "deploy_config", "app_args",
+__all__ = ["ServeSpec", "Canary", "load_serve_spec", "model_uri", "compile_app", "deploy_config", "app_args",
            "IMPORT_PATH", "DEPLOYMENT_NAME"]
 
 IMPORT_PATH = "lakeray.serving.app:build_app"
@@ -102,6 +102,23 @@ class PredictionLog(_Section):
                                  "beyond this the oldest are dropped (and counted), never the request.")
 
 
+class Canary(_Section):
+    model: str = Field(..., description="The challenger: name@alias or name/version (same features as `model`).")
+    percent: float = Field(..., gt=0, lt=100, description="Share of requests (by request id) the challenger serves.")
+
+    @field_validator("model")
+    @classmethod
+    def _model(cls, value: str) -> str:
+        return _check_model(value)
+
+
+def _check_model(value: str) -> str:
+    rest = value.removeprefix("models:/")
+    if not re.fullmatch(r"[^@/\s]+(@[A-Za-z0-9_-]+|/\d+)", rest):
+        raise ValueError(f"{value!r}: write name@alias (lakeray_fraud_xgb@champion) or name/version")
+    return value
+
+
 class ServeSpec(_Section):
     """One endpoint: a registered model behind an autoscaling Ray Serve app on its own route."""
 
@@ -115,6 +132,7 @@ class ServeSpec(_Section):
     auth: Auth | None = Field(None, description="Bearer-token auth (none: open).")
     logging: Logging = Field(default_factory=Logging, description="Replica logs.")
     prediction_log: PredictionLog = Field(default_factory=PredictionLog, description="The Delta prediction log.")
+    canary: Canary | None = Field(None, description="Send a share of the traffic to a challenger model.")
 
     @field_validator("name")
     @classmethod
@@ -133,10 +151,7 @@ class ServeSpec(_Section):
     @field_validator("model")
     @classmethod
     def _model(cls, value: str) -> str:
-        rest = value.removeprefix("models:/")
-        if not re.fullmatch(r"[^@/\s]+(@[A-Za-z0-9_-]+|/\d+)", rest):
-            raise ValueError(f"{value!r}: write name@alias (lakeray_fraud_xgb@champion) or name/version")
-        return value
+        return _check_model(value)
 
     @classmethod
     def parse(cls, data: Any, where: str = "serve spec") -> ServeSpec:
@@ -170,8 +185,8 @@ def load_serve_spec(path: str | os.PathLike[str]) -> ServeSpec:
     return ServeSpec.parse(data, where)
 
 
-def model_uri(spec: ServeSpec) -> str:
-    """``models:/name@alias`` or ``models:/name/N``."""
+def model_uri(spec: ServeSpec | Canary) -> str:
+    """``models:/name@alias`` or ``models:/name/N`` (of the spec's model, or of its canary)."""
     return spec.model if spec.model.startswith("models:/") else f"models:/{spec.model}"
 
 
@@ -179,8 +194,8 @@ def token_digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-def app_args(spec: ServeSpec, settings: Settings, pinned_uri: str, environ: dict[str, str] | None = None
-             ) -> dict[str, Any]:
+def app_args(spec: ServeSpec, settings: Settings, pinned_uri: str, environ: dict[str, str] | None = None,
+             canary_uri: str | None = None) -> dict[str, Any]:
     """What the application builder receives (JSON only: it travels in the Serve config)."""
     environ = os.environ if environ is None else environ
     digest = None
@@ -204,11 +219,13 @@ def app_args(spec: ServeSpec, settings: Settings, pinned_uri: str, environ: dict
         "log_flush_rows": log.flush_rows,
         "log_flush_seconds": log.flush_seconds,
         "log_max_buffer_rows": log.max_buffer_rows,
+        "canary_uri": canary_uri if spec.canary else None,
+        "canary_percent": spec.canary.percent if spec.canary else 0.0,
     }
 
 
 def compile_app(spec: ServeSpec, settings: Settings, pinned_uri: str, environ: dict[str, str] | None = None,
-                where: str = "serve spec") -> Any:
+                where: str = "serve spec", canary_uri: str | None = None) -> Any:
     """The spec as Ray's ``ServeApplicationSchema`` (validated by Ray's own model)."""
     from ray.serve.schema import ServeApplicationSchema
 
@@ -233,7 +250,7 @@ def compile_app(spec: ServeSpec, settings: Settings, pinned_uri: str, environ: d
         "logging_config": {"log_level": spec.logging.level, "enable_access_log": spec.logging.access_log},
     }
     raw = {"name": spec.name, "route_prefix": spec.route, "import_path": IMPORT_PATH,
-           "args": app_args(spec, settings, pinned_uri, environ), "deployments": [deployment]}
+           "args": app_args(spec, settings, pinned_uri, environ, canary_uri), "deployments": [deployment]}
     try:
         return ServeApplicationSchema.model_validate(raw)
     except ValidationError as exc:
