@@ -31,7 +31,7 @@ _COMMANDS = {
     "serve": ("lakeray.cli.serve_cmd", "serve", "Serve models with Ray Serve: deploy SPEC, list, status, delete."),
     "predict": ("lakeray.cli.predict_cmd", "predict", "Score JSON instances with a deployed app (retries on 503)."),
     "models": ("lakeray.cli.models_cmd", "models", "Registered models: list, show, lineage, promote (champion gate)."),
-    "cluster": ("lakeray.cli.cluster_cmd", "cluster", "Ray clusters: validate launcher YAMLs and KubeRay manifests."),
+    "cluster": ("lakeray.cli.cluster_cmd", "cluster", "A local Ray + Spark cluster (up, status, down); validate cluster YAMLs."),
 }
 
 

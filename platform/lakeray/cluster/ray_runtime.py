@@ -260,6 +260,16 @@ def start_ray(settings: Settings) -> RayHandle:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
 
+    address = cfg.address
+    if address is None:
+        # A `lakeray cluster up` cluster of this storage root outlives commands: use it, never a second
+        # Ray. (Before importing ray: connecting sets RAY_AUTH_MODE, which Ray reads once.)
+        from lakeray.cluster.local_cluster import running
+
+        cluster = running(settings)
+        if cluster is not None:
+            address = cluster.connect_kwargs()["address"]
+
     import ray
 
     if ray.is_initialized():
@@ -273,8 +283,9 @@ def start_ray(settings: Settings) -> RayHandle:
     log_file = None if debug else _log_path(settings)
     sink, restore = _loggers_to_file(log_file) if log_file else (None, None)
     try:
-        if cfg.address:
-            ray.init(address=cfg.address, runtime_env={"env_vars": {k: os.environ[k] for k in _TRAIN_ENV}}, **kwargs)
+        if address:
+            kwargs.pop("include_dashboard", None)
+            ray.init(address=address, runtime_env={"env_vars": {k: os.environ[k] for k in _TRAIN_ENV}}, **kwargs)
             owns = False
         else:
             num_cpus = cfg.num_cpus or local_num_cpus()
@@ -287,7 +298,7 @@ def start_ray(settings: Settings) -> RayHandle:
             restore()
         if not isinstance(exc, (ConnectionError, TimeoutError, RuntimeError)):
             raise
-        where = cfg.address or "a local Ray"
+        where = address or "a local Ray"
         raise ClusterError(
             f"could not start or reach {where}: {exc}",
             "check ray.address in lakeray.yaml (ray://host:10001) or leave it empty for a local Ray",

@@ -1,0 +1,90 @@
+"""`lakeray cluster up|status|down`: a local Ray (head + a worker node) and a Spark standalone master +
+worker that outlive one command; lakeray commands use it; `down` leaves no process behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+LAKERAY = os.path.join(os.path.dirname(sys.executable), "lakeray")
+
+
+def _cli(root, *args, timeout=300):
+    env = {**os.environ, "LAKERAY_STORAGE__ROOT": str(root)}
+    return subprocess.run([LAKERAY, "--config", str(REPO / "lakeray.yaml"), "cluster", *args], env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _processes_with(text: str) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                    cmdline = fh.read().replace(b"\0", b" ").decode(errors="replace")
+                with open(f"/proc/{entry}/stat", encoding="utf-8") as fh:
+                    zombie = fh.read().rsplit(")", 1)[1].split()[0] == "Z"
+            except OSError:
+                continue
+            if text in cmdline and not zombie:
+                found.append(int(entry))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_up_status_use_and_down_leave_nothing_behind(tmp_path):
+    root = tmp_path / "lakehouse"
+    started = _cli(root, "up", "--workers", "1", "--head-cpus", "2")
+    try:
+        assert started.returncode == 0, started.stderr[-3000:]
+        state = json.loads((root / "cluster" / "state.json").read_text())
+        assert _processes_with(state["temp_dir"]), "no Ray process carries the cluster's temp dir"
+
+        shown = _cli(root, "status", "--json")
+        assert shown.returncode == 0, shown.stderr[-3000:]
+        info = json.loads(shown.stdout)
+        # Ray's own node list: the head and the worker node; Spark's own worker list: one, alive.
+        assert len(info["nodes"]) == 2 and sum(n["head"] for n in info["nodes"]) == 1
+        assert info["cpus"] == 3
+        assert [w["state"] for w in info["spark_workers"]] == ["ALIVE"]
+        assert info["dashboard_url"].startswith("http://127.0.0.1:")
+
+        again = _cli(root, "up")
+        assert again.returncode == 1 and "already running" in again.stderr
+
+        # A lakeray command of this project connects to the cluster instead of starting a private Ray.
+        probe = subprocess.run([sys.executable, "-c", (
+            "from lakeray.config import load_settings\n"
+            "from lakeray.cluster.ray_runtime import start_ray\n"
+            f"s = load_settings({str(REPO / 'lakeray.yaml')!r}, 'local', environ={{'LAKERAY_STORAGE__ROOT': {str(root)!r}}})\n"
+            "h = start_ray(s)\n"
+            "import ray, json\n"
+            "print(json.dumps({'owns': h.owns_cluster, 'cpus': h.num_cpus, 'nodes': len(ray.nodes())}))\n"
+            "h.shutdown()\n")], capture_output=True, text=True, timeout=120)
+        assert probe.returncode == 0, probe.stderr[-3000:]
+        used = json.loads(probe.stdout.strip().splitlines()[-1])
+        assert used == {"owns": False, "cpus": 3.0, "nodes": 2}
+    finally:
+        stopped = _cli(root, "down")
+    assert stopped.returncode == 0 and "stopped" in stopped.stdout, stopped.stderr
+    assert not _processes_with(state["temp_dir"])
+    assert not any(_alive(pid) for pid in state["spark_pids"])
+    assert not (root / "cluster" / "state.json").exists()
+    # After down, status says there is none (exit 1) and a second down is a no-op.
+    assert _cli(root, "status").returncode == 1
+    assert "no lakeray cluster was running" in _cli(root, "down").stdout
