@@ -22,33 +22,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from proctree import BUSY_SHARE, OtherLoad  # noqa: E402  (bench/ is not a package)
+from benchlib import machine, make_table  # noqa: E402  (bench/ is not a package)
+from proctree import BUSY_SHARE, OtherLoad  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TARGET = 1.5
 
 
-def make_table(path: str, rows: int, features: int, files: int, seed: int) -> int:
-    import numpy as np
-    import pyarrow as pa
-    from deltalake import DeltaTable, write_deltalake
-
-    rng = np.random.default_rng(seed)
-    columns = {"id": np.arange(rows, dtype=np.int64), "label": (rng.random(rows) < 0.3).astype(np.int32)}
-    columns.update({f"f{j:02d}": rng.standard_normal(rows, dtype=np.float32) for j in range(features)})
-    table = pa.table(columns)
-    per = -(-rows // files)
-    for i in range(files):
-        write_deltalake(path, table.slice(i * per, per), mode="overwrite" if i == 0 else "append",
-                        target_file_size=1 << 40)
-    return DeltaTable(path).version()
 
 
 def sums(table) -> dict[str, float]:
@@ -70,9 +56,6 @@ def best(fn, repeat: int) -> tuple[float, object]:
     return min(times), out
 
 
-def machine() -> dict:
-    mem_kb = next(int(line.split()[1]) for line in open("/proc/meminfo") if line.startswith("MemTotal"))
-    return {"cores": os.cpu_count(), "memory_gib": round(mem_kb / 2**20, 1), "python": platform.python_version()}
 
 
 def add_deletion_vectors(source: str, target: str, every: int) -> int:
@@ -118,7 +101,7 @@ def main() -> int:
         from deltalake import DeltaTable
 
         files = list(DeltaTable(path).file_uris())
-        columns = ["id", "label", *[f"f{j:02d}" for j in range(args.features)]]
+        columns = ["row_id", "label", *[f"f{j:02d}" for j in range(args.features)]]
         print(f"table bench_ingest@{version}: {args.rows} rows x {len(columns)} columns, {len(files)} files", flush=True)
 
         def baseline(file_list=files):
@@ -158,7 +141,7 @@ def main() -> int:
                 dv_times["baseline"].append(t)
                 t, dv_out = best(lambda: world1(dv_path, dv_version), 1)
                 dv_times["candidate"].append(t)
-            kept = dv_base.filter(pa.array(dv_base.column("id").to_numpy() % every != 0))
+            kept = dv_base.filter(pa.array(dv_base.column("row_id").to_numpy() % every != 0))
             ok &= dv_out.num_rows == kept.num_rows == args.rows - (args.rows + every - 1) // every
             ok &= agree(sums(dv_out), sums(kept))
             dv_base_s, dv_cand_s = min(dv_times["baseline"]), min(dv_times["candidate"])

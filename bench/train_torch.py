@@ -34,13 +34,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from proctree import BUSY_SHARE, OtherLoad  # noqa: E402  (bench/ is not a package)
+from benchlib import machine, make_table  # noqa: E402  (bench/ is not a package)
+from proctree import BUSY_SHARE, OtherLoad  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TARGET = 1.3
@@ -48,24 +48,6 @@ AUC_TOLERANCE = 0.02
 TABLE = "bench_torch"
 
 
-def make_table(path: str, rows: int, features: int, files: int, seed: int) -> int:
-    """A learnable binary label over numeric features in ``files`` equal files; returns the version."""
-    import numpy as np
-    import pyarrow as pa
-    from deltalake import DeltaTable, write_deltalake
-
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal((rows, features), dtype=np.float32)
-    logit = 1.2 * x[:, 0] - 0.8 * x[:, 1] + 0.9 * x[:, 2] * x[:, 3] + 0.6 * np.abs(x[:, 4]) - 1.0
-    label = (rng.random(rows) < 1.0 / (1.0 + np.exp(-logit))).astype(np.int32)
-    columns = {"row_id": np.arange(rows, dtype=np.int64), "label": label}
-    columns.update({f"f{j:02d}": x[:, j] for j in range(features)})
-    table = pa.table(columns)
-    per = -(-rows // files)
-    for i in range(files):
-        write_deltalake(path, table.slice(i * per, per), mode="overwrite" if i == 0 else "append",
-                        target_file_size=1 << 40)
-    return DeltaTable(path).version()
 
 
 def train_spec(version: int, args: argparse.Namespace):
@@ -118,9 +100,6 @@ def plain_epoch(data, plan, args: argparse.Namespace) -> tuple[float, float, flo
     return time.perf_counter() - started, steps_s, auc
 
 
-def machine() -> dict:
-    mem_kb = next(int(line.split()[1]) for line in open("/proc/meminfo") if line.startswith("MemTotal"))
-    return {"cores": os.cpu_count(), "memory_gib": round(mem_kb / 2**20, 1), "python": platform.python_version()}
 
 
 def main() -> int:

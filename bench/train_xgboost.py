@@ -25,13 +25,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from proctree import BUSY_SHARE, OtherLoad  # noqa: E402  (bench/ is not a package)
+from benchlib import machine, make_table  # noqa: E402  (bench/ is not a package)
+from proctree import BUSY_SHARE, OtherLoad  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TARGET = 1.2
@@ -40,27 +40,6 @@ AUC_TOLERANCE = 0.01
 TABLE = "bench_xgb"
 
 
-def make_table(path: str, rows: int, features: int, files: int, seed: int) -> int:
-    """A learnable binary label over numeric features in ``files`` equal files; returns the version."""
-    import numpy as np
-    import pyarrow as pa
-    from deltalake import DeltaTable, write_deltalake
-
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal((rows, features), dtype=np.float32)
-    # A few main effects, an interaction and a non-linearity, plus the Bernoulli draw's noise:
-    # held-out AUC ≈ 0.8, far enough from 1.0 that a worse model shows.
-    logit = 1.2 * x[:, 0] - 0.8 * x[:, 1] + 0.9 * x[:, 2] * x[:, 3] + 0.6 * np.abs(x[:, 4]) - 1.0
-    label = (rng.random(rows) < 1.0 / (1.0 + np.exp(-logit))).astype(np.int32)
-    columns = {"row_id": np.arange(rows, dtype=np.int64), "label": label}
-    columns.update({f"f{j:02d}": x[:, j] for j in range(features)})
-    table = pa.table(columns)
-    per = -(-rows // files)
-    for i in range(files):
-        # A huge target size keeps each commit to exactly one file.
-        write_deltalake(path, table.slice(i * per, per), mode="overwrite" if i == 0 else "append",
-                        target_file_size=1 << 40)
-    return DeltaTable(path).version()
 
 
 def load_baseline(path: str, version: int, features: list[str], threads: int, test_fraction: float):
@@ -118,9 +97,6 @@ def lakeray_fit(settings, spec):
             "path": launched.path, "booster": booster, "plan": plan}
 
 
-def machine() -> dict:
-    mem_kb = next(int(line.split()[1]) for line in open("/proc/meminfo") if line.startswith("MemTotal"))
-    return {"cores": os.cpu_count(), "memory_gib": round(mem_kb / 2**20, 1), "python": platform.python_version()}
 
 
 def main() -> int:
