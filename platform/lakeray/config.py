@@ -228,6 +228,18 @@ class Settings:
         return f"{self.storage_root.rstrip('/')}/mlartifacts"
 
 
+def parse_spec(model: type[BaseModel], data: Any, where: str, example: str, fix: str) -> Any:
+    """``model`` validated from a YAML document; a ConfigError naming ``where`` and each field path
+    (``jobs/training/x.yaml: split.fraction: Input should be less than 1``) otherwise."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: top level must be a mapping", f"see {example} for an example")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        fields = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise ConfigError(f"{where}: {fields}", fix) from None
+
+
 def _format_errors(where: str, prefix: str, exc: ValidationError) -> str:
     lines = []
     for err in exc.errors():

@@ -16,7 +16,8 @@ REPO = Path(__file__).resolve().parents[2]
 LAKERAY = str(Path(sys.executable).parent / "lakeray")
 EXAMPLE_FILES = ["README.md", "lakeray.yaml", "jobs/training_set.yaml", "jobs/features/customer_aggregates.py",
                  "jobs/training/fraud_xgboost.yaml", "jobs/training/fraud_torch.yaml",
-                 "jobs/training/fraud_sequence.yaml", "jobs/training/sequence_model.py"]
+                 "jobs/training/fraud_sequence.yaml", "jobs/training/sequence_model.py",
+                 "jobs/training/fraud_tune.yaml", "jobs/serving/fraud.yaml"]
 
 
 def init(*args, cwd=None):
@@ -38,7 +39,8 @@ def test_the_example_project_ships_as_package_data():
 
 def test_the_checkout_jobs_are_the_packaged_files_not_a_second_copy():
     for name in ["jobs/features/customer_aggregates.py", "jobs/training_set.yaml",
-                 *[f"jobs/training/{p.name}" for p in (example_project() / "jobs" / "training").iterdir()]]:
+                 *[f"jobs/{folder}/{p.name}" for folder in ("training", "serving")
+                   for p in (example_project() / "jobs" / folder).iterdir() if p.name != "__pycache__"]]:
         in_repo, packaged = REPO / name, example_project() / name
         assert in_repo.resolve() == packaged.resolve(), f"{name} must link to {packaged}"
 

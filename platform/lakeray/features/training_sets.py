@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from lakeray.errors import ConfigError, DataQualityError, TableNotFoundError
 
@@ -75,11 +75,9 @@ class TrainingSetSpec(BaseModel):
 
     @classmethod
     def parse(cls, data: dict[str, Any], where: str = "training-set spec") -> TrainingSetSpec:
-        try:
-            return cls.model_validate(data)
-        except ValidationError as exc:
-            fields = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-            raise ConfigError(f"{where}: {fields}", "fix the spec") from None
+        from lakeray.config import parse_spec
+
+        return parse_spec(cls, data, where, "jobs/training_set.yaml", "fix the spec")
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from lakeray.errors import ClusterError, ConfigError, DataQualityError
 
@@ -150,13 +150,9 @@ class TrainSpec(_Model):
 
     @classmethod
     def parse(cls, data: Any, where: str = "train spec") -> TrainSpec:
-        if not isinstance(data, dict):
-            raise ConfigError(f"{where}: top level must be a mapping", "see jobs/training/*.yaml for an example")
-        try:
-            return cls.model_validate(data)
-        except ValidationError as exc:
-            fields = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-            raise ConfigError(f"{where}: {fields}", "fix the spec (docs/training.md lists every field)") from None
+        from lakeray.config import parse_spec
+
+        return parse_spec(cls, data, where, "jobs/training/*.yaml", "fix the spec (docs/training.md lists every field)")
 
     def digest(self) -> str:
         """A stable hash of the spec as validated (defaults included): MLflow's `lakeray.spec_hash`."""
