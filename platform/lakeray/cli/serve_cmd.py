@@ -1,12 +1,16 @@
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import click
 
 from lakeray.cli.main import settings_from
 
-_PRIVATE_RAY = ("no ray.address: lakeray starts a private local Ray for this command, and the endpoint lives only "
-                "while it runs")
+_PRIVATE_RAY = ("no ray.address and no `lakeray cluster up` cluster: lakeray started a private local Ray for this "
+                "command, and an endpoint lives only while it runs")
+_FIX_PRIVATE = ("start a cluster that outlives commands (`lakeray cluster up`, or set ray.address to a running "
+                "one), then `lakeray serve deploy SPEC`")
 
 
 @click.group(invoke_without_command=True)
@@ -36,41 +40,54 @@ def _with_port(settings: Any, port: int | None) -> Any:
 
 
 def _serve_in_foreground(settings: Any, spec: Any, where: str) -> None:
-    """Start Ray, deploy, serve until Ctrl-C or SIGTERM, then stop Ray (and with it Serve) and exit 0."""
+    from lakeray.cluster.ray_runtime import ray_session
+
+    with ray_session(settings) as handle:
+        _serve_until_stopped(settings, handle, spec, where)
+
+
+def _serve_until_stopped(settings: Any, handle: Any, spec: Any, where: str) -> None:
+    """Deploy, serve until Ctrl-C or SIGTERM, then stop: a private Ray is shut down (and with it Serve);
+    in a cluster that outlives this command, the app is deleted and the cluster keeps running. Exit 0."""
     import signal
     import time
 
-    from lakeray.cluster.ray_runtime import ray_session
-    from lakeray.serving.deploy import deploy
+    from lakeray.serving.deploy import delete_app, deploy
 
-    with ray_session(settings):
-        # Stopping is the normal end of a server: Ctrl-C, or SIGTERM from a supervisor (and from a shell that
-        # started this in the background, where SIGINT arrives ignored), shut Ray down and exit 0. Set after
-        # ray.init, whose own SIGTERM handler exits without a word.
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        signal.signal(signal.SIGTERM, _interrupt)
-        endpoint = deploy(settings, spec, where)
-        click.echo(f"serving {endpoint.model} v{endpoint.model_version} at {endpoint.url}/predict (Ctrl-C stops)")
-        try:
-            while True:
-                time.sleep(3600)
-        except KeyboardInterrupt:
+    # Stopping is the normal end of a server: Ctrl-C, or SIGTERM from a supervisor (and from a shell that
+    # started this in the background, where SIGINT arrives ignored), stop it and exit 0. Set after
+    # ray.init, whose own SIGTERM handler exits without a word.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _interrupt)
+    endpoint = deploy(settings, spec, where)
+    click.echo(f"serving {endpoint.model} v{endpoint.model_version} at {endpoint.url}/predict (Ctrl-C stops)")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        if handle.owns_cluster:
             click.echo("stopping the endpoint and Ray")
+        else:
+            click.echo(f"stopping the endpoint (app {spec.name}; the cluster keeps running)")
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not leave a half-deleted app
+            delete_app(settings, spec.name)
 
 
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-def _cluster_settings(ctx: click.Context) -> Any:
+@contextmanager
+def _cluster(ctx: click.Context) -> Iterator[Any]:
+    """Settings, connected to a Ray that outlives commands; ClusterError when only a private one started."""
+    from lakeray.cluster.ray_runtime import ray_session
     from lakeray.errors import ClusterError
 
     settings = _with_port(settings_from(ctx), (ctx.obj or {}).get("serve_port"))
-    if not settings.profile.ray.address:
-        raise ClusterError(f"{_PRIVATE_RAY}, so there is no running Serve to ask",
-                           "set ray.address (e.g. `ray start --head`, then LAKERAY_RAY__ADDRESS=auto) and deploy "
-                           "with `lakeray serve deploy SPEC`")
-    return settings
+    with ray_session(settings) as handle:
+        if handle.owns_cluster:
+            raise ClusterError(f"{_PRIVATE_RAY}, so there is no running Serve to ask", _FIX_PRIVATE)
+        yield settings
 
 
 @serve.command("deploy")
@@ -80,8 +97,9 @@ def _cluster_settings(ctx: click.Context) -> Any:
 def deploy_cmd(ctx: click.Context, spec_file: str, as_json: bool) -> None:
     """Deploy a serve spec (jobs/serving/*.yaml): validate, deploy, wait until healthy, print the URL.
 
-    With ray.address set, it returns and the endpoint keeps running in the cluster. Without one,
-    lakeray's private local Ray lives only as long as this command: it serves until Ctrl-C/SIGTERM.
+    In a cluster that outlives commands (`lakeray cluster up`, or ray.address) it returns and the endpoint
+    keeps running. Otherwise lakeray's private local Ray lives only as long as this command: it serves
+    in the foreground until Ctrl-C/SIGTERM.
     """
     from lakeray.cluster.ray_runtime import ray_session
     from lakeray.serving.deploy import deploy
@@ -89,11 +107,12 @@ def deploy_cmd(ctx: click.Context, spec_file: str, as_json: bool) -> None:
 
     settings = _with_port(settings_from(ctx), (ctx.obj or {}).get("serve_port"))
     spec = load_serve_spec(spec_file)
-    if not settings.profile.ray.address:
-        click.echo(f"{_PRIVATE_RAY}: serving in the foreground (set ray.address to deploy and return)", err=True)
-        _serve_in_foreground(settings, spec, spec_file)
-        return
-    with ray_session(settings):
+    with ray_session(settings) as handle:
+        if handle.owns_cluster:
+            click.echo(f"{_PRIVATE_RAY}: serving in the foreground until Ctrl-C ({_FIX_PRIVATE} to deploy and "
+                       "return)", err=True)
+            _serve_until_stopped(settings, handle, spec, spec_file)
+            return
         endpoint = deploy(settings, spec, spec_file)
     if as_json:
         click.echo(json.dumps({"app": endpoint.app, "url": endpoint.url, "model": endpoint.model,
@@ -130,11 +149,9 @@ def list_cmd(ctx: click.Context, as_json: bool) -> None:
     """The apps of the cluster's Serve: route, status, pinned model, replicas, URL."""
     import dataclasses
 
-    from lakeray.cluster.ray_runtime import ray_session
     from lakeray.serving.deploy import list_apps
 
-    settings = _cluster_settings(ctx)
-    with ray_session(settings):
+    with _cluster(ctx) as settings:
         apps = list_apps(settings)
     if as_json:
         click.echo(json.dumps([dataclasses.asdict(a) for a in apps]))
@@ -157,11 +174,9 @@ def list_cmd(ctx: click.Context, as_json: bool) -> None:
 @click.pass_context
 def status_cmd(ctx: click.Context, app: str) -> None:
     """One app as JSON: Serve status, replicas, pinned model, and its /healthz when running."""
-    from lakeray.cluster.ray_runtime import ray_session
     from lakeray.serving.deploy import app_status
 
-    settings = _cluster_settings(ctx)
-    with ray_session(settings):
+    with _cluster(ctx) as settings:
         click.echo(json.dumps(app_status(settings, app), indent=2))
 
 
@@ -173,11 +188,9 @@ def promote_cmd(ctx: click.Context, app: str) -> None:
 
     Registry aliases are untouched: `lakeray models promote` moves champion.
     """
-    from lakeray.cluster.ray_runtime import ray_session
     from lakeray.serving.deploy import promote_app
 
-    settings = _cluster_settings(ctx)
-    with ray_session(settings):
+    with _cluster(ctx) as settings:
         endpoint = promote_app(settings, app)
     click.echo(f"promoted {app}: all traffic to {endpoint.model} v{endpoint.model_version} at {endpoint.url}/predict")
 
@@ -187,10 +200,8 @@ def promote_cmd(ctx: click.Context, app: str) -> None:
 @click.pass_context
 def delete_cmd(ctx: click.Context, app: str) -> None:
     """Remove one app from the cluster's Serve; the others keep serving."""
-    from lakeray.cluster.ray_runtime import ray_session
     from lakeray.serving.deploy import delete_app
 
-    settings = _cluster_settings(ctx)
-    with ray_session(settings):
+    with _cluster(ctx) as settings:
         delete_app(settings, app)
     click.echo(f"deleted {app}")
