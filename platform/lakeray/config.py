@@ -25,6 +25,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from lakeray import storage
 from lakeray.errors import ConfigError
 
 __all__ = [
@@ -93,6 +94,38 @@ class StorageConfig(_Model):
         description="Lakehouse root (a folder, relative to the project, or an object-store URI). "
         "Tables live under <root>/tables/<name>.",
     )
+    endpoint_url: str | None = Field(
+        None,
+        description="S3-compatible endpoint (http(s)://host:port) for an s3:// or s3a:// root; empty: AWS S3 "
+        "itself. The same settings feed Spark (spark.hadoop.fs.s3a.*), deltalake and pyarrow.",
+    )
+    region: str = Field("us-east-1", description="Object-store region (any value for most S3-compatible servers).")
+    access_key_env: str | None = Field(
+        None,
+        description="Name of the environment variable holding the access key id (never the key itself); empty: "
+        "the default AWS credential chain (AWS_ACCESS_KEY_ID, instance identity).",
+    )
+    secret_key_env: str | None = Field(
+        None, description="Name of the environment variable holding the secret access key (never the secret)."
+    )
+    path_style: bool = Field(
+        False, description="Path-style requests (http://host/bucket/key), as MinIO and S3Proxy need; off: "
+        "virtual-hosted style (http://bucket.host/key), as AWS prefers.")
+    allow_http: bool = Field(False, description="Allow a plain-http endpoint_url (a store on a trusted network).")
+    timeout_s: float = Field(
+        30, gt=0, description="Upper bound on one object-store request, so a wrong endpoint or credentials fail "
+        "with an error naming the setting instead of retrying for minutes.")
+
+    @field_validator("access_key_env", "secret_key_env")
+    @classmethod
+    def _variable_name(cls, value: str | None) -> str | None:
+        if value and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", value):
+            raise ValueError("must be the NAME of an environment variable (the secret itself stays out of the file)")
+        return value
+
+    @property
+    def is_object_store(self) -> bool:
+        return bool(self.endpoint_url) or not storage.is_local(self.root)
 
 
 class MlflowConfig(_Model):
@@ -200,8 +233,9 @@ class Settings:
 
     def resolve(self, path_or_uri: str) -> str:
         """A project-relative path made absolute; URIs (``s3://…``) are returned as they are."""
-        if "://" in path_or_uri:
+        if not storage.is_local(path_or_uri):
             return path_or_uri
+        path_or_uri = path_or_uri.removeprefix("file://")
         path = Path(path_or_uri).expanduser()
         return str(path if path.is_absolute() else (self.project_dir / path).resolve())
 
@@ -215,7 +249,7 @@ class Settings:
                 f"table name {table_name!r} is not valid",
                 "use letters, digits and underscores, starting with a letter",
             )
-        return f"{self.storage_root.rstrip('/')}/tables/{table_name}"
+        return storage.join(self.storage_root, "tables", table_name)
 
     @property
     def mlflow_tracking_uri(self) -> str:
@@ -225,7 +259,7 @@ class Settings:
 
     @property
     def mlflow_artifact_root(self) -> str:
-        return f"{self.storage_root.rstrip('/')}/mlartifacts"
+        return storage.join(self.storage_root, "mlartifacts")
 
 
 def parse_spec(model: type[BaseModel], data: Any, where: str, example: str, fix: str) -> Any:
@@ -426,4 +460,7 @@ def load_settings(
                               f"correct or unset {key}") from None
     resolved = Profile.model_validate(data)
     project_dir = path.parent.resolve() if path else Path.cwd().resolve()
+    if resolved.storage.is_object_store:
+        # Readers that get a path only (Delta readers, ingest) use the loaded profile's object store.
+        storage.configure(resolved.storage)
     return Settings(profile_name=name, profile=resolved, project_dir=project_dir, source=where)

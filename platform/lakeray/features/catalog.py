@@ -4,6 +4,7 @@ with delta-rs (no JVM), so listing is quick."""
 from __future__ import annotations
 
 import datetime as dt
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -62,7 +63,7 @@ def list_tables(settings: Settings) -> list[TableInfo]:
     out = []
     for path in sorted(p for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []:
         name = path.name
-        kind = "feature" if name in jobs else "training set" if manifest_dir(settings, name).is_dir() else "input"
+        kind = "feature" if name in jobs else "training set" if os.path.isdir(manifest_dir(settings, name)) else "input"
         try:
             table = DeltaTable(str(path))
             version = table.version()

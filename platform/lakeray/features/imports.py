@@ -205,6 +205,7 @@ def plan_import(settings: Settings, name: str, source: str, format: str | None =
 def _refuse_managed_names(settings: Settings, name: str) -> None:
     """An import must not overwrite a table lakeray writes itself (its lineage would lie)."""
     from lakeray.features.runner import discover_jobs
+    from lakeray import storage
     from lakeray.features.training_sets import manifest_dir
 
     try:
@@ -214,7 +215,7 @@ def _refuse_managed_names(settings: Settings, name: str) -> None:
     if job is not None:
         raise ConfigError(f"{name!r} is the output of feature job {name!r} ({job.source})",
                           "import into another table name (e.g. the job's input)")
-    if "://" not in settings.storage_root and manifest_dir(settings, name).is_dir():
+    if storage.is_dir(manifest_dir(settings, name)):
         raise ConfigError(f"{name!r} is a training set (it has manifests)", "import into another table name")
 
 

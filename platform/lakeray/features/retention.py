@@ -17,10 +17,12 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING
+
+from lakeray import storage
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
@@ -46,11 +48,11 @@ class TableVacuum:
 
 def _manifest_refs(settings: Settings) -> dict[str, dict[int, list[str]]]:
     refs: dict[str, dict[int, list[str]]] = {}
-    root = Path(settings.storage_root, "_manifests")
-    if "://" in settings.storage_root or not root.is_dir():
-        return refs
-    for path in sorted(root.glob("*/v*.json")):
-        manifest = json.loads(path.read_text())
+    root = storage.join(settings.storage_root, "_manifests")
+    paths = [storage.join(root, name, file) for name in storage.list_dir(root)
+             for file in storage.list_dir(storage.join(root, name)) if file.startswith("v") and file.endswith(".json")]
+    for path in sorted(paths):
+        manifest = json.loads(storage.read_text(path))
         why = f"training-set manifest {manifest['training_set']}@{manifest['version']}"
         pins = {**manifest.get("inputs", {}), manifest["training_set"]: manifest["version"]}
         for table, version in pins.items():
@@ -62,7 +64,7 @@ def _model_refs(settings: Settings) -> dict[str, dict[int, list[str]]]:
     """Table versions the registered models were trained on (from their runs' lineage tags)."""
     refs: dict[str, dict[int, list[str]]] = {}
     uri = settings.mlflow_tracking_uri
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+    if uri.startswith("sqlite:///") and not os.path.isfile(uri.removeprefix("sqlite:///")):  # a local file
         return refs  # no registry yet: nothing registered (and do not create one)
     from lakeray.registry import mlflow_client
 
@@ -116,8 +118,8 @@ def vacuum(spark: SparkSession, settings: Settings, tables: list[str] | None = N
     if retain_hours < 0:
         raise ConfigError(f"--retain-hours must be ≥ 0, got {retain_hours}", "pass hours to keep, e.g. 168")
     if tables is None:
-        root = Path(settings.storage_root, "tables")
-        tables = sorted(p.name for p in root.iterdir() if (p / "_delta_log").is_dir()) if root.is_dir() else []
+        root = storage.join(settings.storage_root, "tables")
+        tables = [name for name in storage.list_dir(root) if storage.is_dir(storage.join(root, name, "_delta_log"))]
     refs = references(settings)
     now = time.time()
     out = []

@@ -15,14 +15,16 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from lakeray import storage
 from lakeray.errors import ConfigError, DataQualityError, TableNotFoundError
 
 if TYPE_CHECKING:
@@ -92,8 +94,9 @@ class TrainingSetResult:
     engine: str = "spark"
 
 
-def manifest_dir(settings: Settings, name: str) -> Path:
-    return Path(settings.storage_root, "_manifests", name)
+def manifest_dir(settings: Settings, name: str) -> str:
+    """``<storage root>/_manifests/<name>``: a folder or an object-store prefix (a URI string)."""
+    return storage.join(settings.storage_root, "_manifests", name)
 
 
 def _pin(spark: SparkSession | None, settings: Settings, table: str, version: int | None) -> int:
@@ -195,13 +198,9 @@ def _write_manifest(settings: Settings, pinned: TrainingSetSpec, version: int, d
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         **(extra or {}),
     }
-    folder = manifest_dir(settings, pinned.name)
-    folder.mkdir(parents=True, exist_ok=True)
-    target = folder / f"v{version}.json"
-    tmp = target.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, target)  # a reader never sees half a manifest
-    return TrainingSetResult(pinned.name, version, rows, digest, inputs, str(target), time.perf_counter() - started,
+    target = storage.join(manifest_dir(settings, pinned.name), f"v{version}.json")
+    storage.write_text_atomic(target, json.dumps(manifest, indent=2) + "\n")  # a reader never sees half of it
+    return TrainingSetResult(pinned.name, version, rows, digest, inputs, target, time.perf_counter() - started,
                              engine)
 
 
@@ -255,8 +254,6 @@ def _duckdb_unsupported(settings: Settings, pinned: TrainingSetSpec) -> str | No
     from lakeray.lakehouse.delta import read_arrow
     from lakeray.lakehouse.pit_duckdb import spark_type_name, supported_time_type
 
-    if "://" in settings.storage_root:
-        return f"storage.root {settings.storage_root} is an object store (the duckdb engine reads local tables)"
     checks = [(pinned.labels, pinned.labels_version, pinned.event_time),
               *[(r.table, r.version, r.event_time) for r in pinned.features]]
     wanted = {pinned.labels: None, **{r.table: set(r.columns) for r in pinned.features}}
@@ -296,7 +293,7 @@ def _choose(settings: Settings, spec: TrainingSetSpec) -> tuple[str, str, Traini
     wanted = spec.engine or cfg.engine
     if wanted == "spark":
         return "spark", "engine: spark", None
-    local = settings.profile.spark.master.startswith("local") and "://" not in settings.storage_root
+    local = settings.profile.spark.master.startswith("local") and storage.is_local(settings.storage_root)
     if wanted == "auto" and not local:
         return "spark", "auto: the profile is not local", None
     pinned = _resolved(None, settings, spec)
@@ -349,8 +346,10 @@ def _duckdb_joined(settings: Settings, pinned: TrainingSetSpec, hash_version: in
                                      ref.max_age_s, tuple(ref.join_keys[k] for k in ref.entity_keys)))
     spill = None
     if settings.profile.training_sets.duckdb_spill:
-        spill = f"{settings.storage_root}/_tmp/duckdb"
-        Path(spill).mkdir(parents=True, exist_ok=True)
+        # DuckDB spills to a local folder: beside a local lakehouse, else in this machine's temp folder.
+        root = settings.storage_root if storage.is_local(settings.storage_root) else tempfile.gettempdir()
+        spill = storage.join(root, "_tmp", "duckdb")
+        storage.makedirs(spill)
     memory = _duckdb_memory_mb(settings)
     try:
         return point_in_time_join_arrow(labels, pinned.entity_keys, pinned.event_time, sources, hash_version,
@@ -408,14 +407,15 @@ def _need_spark(spark: SparkSession | None, spec: TrainingSetSpec) -> SparkSessi
 
 def load_manifest(settings: Settings, name: str, version: int | None = None) -> dict[str, Any]:
     folder = manifest_dir(settings, name)
-    found = sorted(folder.glob("v*.json"), key=lambda p: int(p.stem[1:])) if folder.is_dir() else []
+    found = sorted((n for n in storage.list_dir(folder) if re.fullmatch(r"v\d+\.json", n)),
+                   key=lambda n: int(n[1:-5]))
     if version is not None:
-        found = [p for p in found if p.stem == f"v{version}"]
+        found = [n for n in found if n == f"v{version}.json"]
     if not found:
         which = f" version {version}" if version is not None else ""
         raise TableNotFoundError(f"no manifest for training set {name!r}{which}",
                                  "build it first with build_training_set / `lakeray features training-set`")
-    return json.loads(found[-1].read_text())
+    return json.loads(storage.read_text(storage.join(folder, found[-1])))
 
 
 def _manifest_spec(manifest: dict[str, Any]) -> tuple[TrainingSetSpec, int]:

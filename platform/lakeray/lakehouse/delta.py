@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Literal
 
+from lakeray import storage
 from lakeray.errors import TableNotFoundError
 
 if TYPE_CHECKING:
@@ -205,13 +206,18 @@ def read_table(spark: SparkSession, path: str, version: int | None = None) -> Da
 
 
 def _open(path: str, version: int | None):
+    """delta-rs' view of ``path`` (``s3a://`` read as ``s3://``, with the profile's storage options)."""
     from deltalake import DeltaTable
     from deltalake.exceptions import TableNotFoundError as DeltaRsNotFound
 
     try:
-        table = DeltaTable(path)
+        table = DeltaTable(storage.to_arrow(path), storage_options=storage.delta_options(path))
     except DeltaRsNotFound:
         raise TableNotFoundError(f"no Delta table at {path}", "run the feature job that writes it first") from None
+    except OSError:
+        if not storage.is_local(path):
+            storage.check_access(path)  # wrong credentials, missing bucket: an error naming the setting
+        raise
     if version is not None:
         latest = table.version()
         if not 0 <= version <= latest:
@@ -253,8 +259,9 @@ def read_arrow(
 
         schema = _open(path, version).to_pyarrow_dataset().schema
         return pa.Table.from_batches([], schema=schema).select(columns or schema.names)
-    paths = [f.removeprefix("file://") for f in files]
-    return ds.dataset(paths, format="parquet").to_table(columns=columns)
+    filesystem = storage.to_arrow_fs(files[0])[0]
+    paths = [storage.to_arrow_fs(f)[1] for f in files]
+    return ds.dataset(paths, format="parquet", filesystem=filesystem).to_table(columns=columns)
 
 
 def iter_batches(path: str, version: int | None = None, columns: list[str] | None = None,
@@ -355,13 +362,10 @@ def write_arrow(table: pa.Table, path: str, user_metadata: str) -> int:
     """Write ``table`` as one overwrite commit of the Delta table at ``path`` without a JVM (delta-rs),
     replacing rows and schema; returns this commit's version (found by its ``user_metadata``, unique per
     write, as :func:`write_table` does). A failed first write leaves no folder behind."""
-    import os
-    import shutil
-
     import pyarrow.types as pat
-    from deltalake import ColumnProperties, CommitProperties, DeltaTable, WriterProperties, write_deltalake
+    from deltalake import ColumnProperties, CommitProperties, WriterProperties, write_deltalake
 
-    fresh = "://" not in path and not os.path.exists(path)
+    fresh = not storage.exists(path)
     # Parquet's dictionary encoding is tried on every column until its dictionary page fills; continuous
     # floats fill it and fall back to plain, so the attempt is wasted work on the critical path (~0.1 s
     # of a 0.5 s write at 5M rows x 3 doubles, and the files come out no larger). Snappy, delta-rs'
@@ -373,15 +377,16 @@ def write_arrow(table: pa.Table, path: str, user_metadata: str) -> int:
     # set of rows: training samples rows by position). Costs one copy (~0.2 s at 5M rows x 2 columns).
     table = table.combine_chunks() if any(col.num_chunks > 1 for col in table.columns) else table
     try:
-        write_deltalake(path, table, mode="overwrite", schema_mode="overwrite", writer_properties=properties,
+        write_deltalake(storage.to_arrow(path), table, mode="overwrite", schema_mode="overwrite",
+                        writer_properties=properties, storage_options=storage.delta_options(path),
                         commit_properties=CommitProperties(custom_metadata={"userMetadata": user_metadata}))
     except BaseException:
         # As write_table: a folder this write created and no writer committed to (an empty _delta_log
         # included, which later readers would fail on) is removed.
-        log = os.path.join(path, "_delta_log")
-        if fresh and not (os.path.isdir(log) and any(n.endswith(".json") for n in os.listdir(log))):
-            shutil.rmtree(path, ignore_errors=True)
+        log = storage.join(path, "_delta_log")
+        if fresh and not any(n.endswith(".json") for n in storage.list_dir(log)):
+            storage.remove(path)
         raise
-    history = DeltaTable(path).history(16)
+    history = _open(path, None).history(16)
     mine = [int(c["version"]) for c in history if c.get("userMetadata") == user_metadata]
     return max(mine) if mine else latest_version(path)

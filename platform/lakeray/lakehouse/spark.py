@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from lakeray.config import Settings
 
 __all__ = ["DELTA_PACKAGE", "check_java", "delta_jars", "delta_jars_dir", "resolve_delta_jars",
+           "object_store_package", "object_store_jars_dir", "resolve_object_store_jars",
            "user_cache_dir", "create_spark_session", "spark_session"]
 
 # delta-spark 4.4.0 is the newest release whose jar is published for Spark 4.2 (4.4.1 is not).
@@ -102,19 +103,41 @@ def delta_jars_dir(settings: Settings) -> Path:
     return user_cache_dir() / "jars" / re.sub(r"[^A-Za-z0-9._-]+", "_", DELTA_PACKAGE)
 
 
-def delta_jars(jars_dir: Path) -> list[str]:
-    """The cached Delta jars; SetupError naming `lakeray setup` when they are missing."""
+def delta_jars(jars_dir: Path, package: str = DELTA_PACKAGE) -> list[str]:
+    """The cached Delta jars (or ``package``'s); SetupError naming `lakeray setup` when they are missing."""
     marker = jars_dir / _MARKER
     jars = sorted(str(p) for p in jars_dir.glob("*.jar"))
-    if not marker.is_file() or marker.read_text().strip() != DELTA_PACKAGE or not jars:
+    if not marker.is_file() or marker.read_text().strip() != package or not jars:
+        flag = "" if package == DELTA_PACKAGE else " --object-store"
         raise SetupError(
-            f"the Delta jars ({DELTA_PACKAGE}) are not cached in {jars_dir}",
-            "run `lakeray setup` (`make setup` in the lakeray checkout) once, with access to Maven Central",
+            f"the {'Delta' if not flag else 'object-store connector'} jars ({package}) are not cached in {jars_dir}",
+            f"run `lakeray setup{flag}` (`make setup` in the lakeray checkout) once, with access to Maven Central",
         )
     return jars
 
 
-def resolve_delta_jars(jars_dir: Path, seeds: tuple[Path, ...] = ()) -> list[str]:
+def object_store_package() -> str:
+    """hadoop-aws at the Hadoop version pyspark ships (its AWS SDK bundle comes as a dependency, ~690 MB)."""
+    import pyspark
+
+    found = sorted(Path(pyspark.__file__).parent.glob("jars/hadoop-client-api-*.jar"))
+    version = found[-1].name.removeprefix("hadoop-client-api-").removesuffix(".jar") if found else "3.5.0"
+    return f"org.apache.hadoop:hadoop-aws:{version}"
+
+
+def object_store_jars_dir(settings: Settings) -> Path:
+    """``<user cache>/jars/<hadoop-aws coordinate>``, beside the Delta jars."""
+    explicit = settings.profile.spark.jars_dir
+    base = Path(settings.resolve(explicit)).parent if explicit else user_cache_dir() / "jars"
+    return base / re.sub(r"[^A-Za-z0-9._-]+", "_", object_store_package())
+
+
+def resolve_object_store_jars(jars_dir: Path) -> list[str]:
+    """Cache hadoop-aws and its AWS SDK bundle (``lakeray setup --object-store``); a no-op when cached."""
+    return resolve_delta_jars(jars_dir, package=object_store_package())
+
+
+def resolve_delta_jars(jars_dir: Path, seeds: tuple[Path, ...] = (), package: str = DELTA_PACKAGE) -> list[str]:
     """Put the Delta jars in ``jars_dir``; a no-op when already there.
 
     The jars come from the first of ``seeds`` that holds this coordinate's complete set (an older
@@ -124,35 +147,35 @@ def resolve_delta_jars(jars_dir: Path, seeds: tuple[Path, ...] = ()) -> list[str
     that looks complete but is not.
     """
     try:
-        return delta_jars(jars_dir)
+        return delta_jars(jars_dir, package)
     except SetupError:
         pass
     jars_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{jars_dir.name}.tmp-", dir=jars_dir.parent))
     staging.chmod(0o755)  # mkdtemp's 0700 would follow the rename
     try:
-        seeded = next((seed for seed in seeds if _complete(seed)), None)
+        seeded = next((seed for seed in seeds if _complete(seed, package)), None)
         if seeded is not None:
             for jar in seeded.glob("*.jar"):
                 shutil.copy2(jar, staging / jar.name)
         else:
-            _ivy_resolve(staging)
-        (staging / _MARKER).write_text(DELTA_PACKAGE + "\n")
-        _swap_into_place(staging, jars_dir)
+            _ivy_resolve(staging, package)
+        (staging / _MARKER).write_text(package + "\n")
+        _swap_into_place(staging, jars_dir, package)
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # gone already when the rename won
-    return delta_jars(jars_dir)
+    return delta_jars(jars_dir, package)
 
 
-def _complete(folder: Path) -> bool:
+def _complete(folder: Path, package: str = DELTA_PACKAGE) -> bool:
     try:
-        delta_jars(folder)
+        delta_jars(folder, package)
     except SetupError:
         return False
     return True
 
 
-def _ivy_resolve(into: Path) -> None:
+def _ivy_resolve(into: Path, package: str = DELTA_PACKAGE) -> None:
     check_java()
     from pyspark.sql import SparkSession
 
@@ -160,20 +183,21 @@ def _ivy_resolve(into: Path) -> None:
         spark = (
             SparkSession.builder.master("local[1]")
             .appName("lakeray-resolve-jars")
-            .config("spark.jars.packages", DELTA_PACKAGE)
+            .config("spark.jars.packages", package)
             .config("spark.jars.ivy", ivy)
             .config("spark.ui.enabled", "false")
             .getOrCreate()
         )
         spark.stop()
         resolved = list(Path(ivy, "jars").glob("*.jar"))
-        if not any(p.name.startswith("io.delta_delta-spark") for p in resolved):
-            raise SetupError(f"Ivy did not resolve {DELTA_PACKAGE}", "check access to Maven Central")
+        group, artifact = package.split(":")[:2]
+        if not any(p.name.startswith(f"{group}_{artifact}") for p in resolved):
+            raise SetupError(f"Ivy did not resolve {package}", "check access to Maven Central")
         for jar in resolved:
-            shutil.copy2(jar, into / jar.name)
+            shutil.move(jar, into / jar.name)  # not a copy: the AWS SDK bundle alone is ~690 MB
 
 
-def _swap_into_place(staging: Path, jars_dir: Path) -> None:
+def _swap_into_place(staging: Path, jars_dir: Path, package: str = DELTA_PACKAGE) -> None:
     """Rename ``staging`` to ``jars_dir``. Another process that got there first wins (its set is as good);
     an incomplete or outdated folder in the way is moved aside first, then deleted."""
     for _ in range(3):
@@ -181,7 +205,7 @@ def _swap_into_place(staging: Path, jars_dir: Path) -> None:
             staging.rename(jars_dir)  # atomic; fails when jars_dir exists and is not empty
             return
         except OSError:
-            if _complete(jars_dir):
+            if _complete(jars_dir, package):
                 return
             if jars_dir.exists():
                 aside = jars_dir.with_name(f".{jars_dir.name}.stale-{os.getpid()}")
@@ -198,6 +222,13 @@ def create_spark_session(settings: Settings) -> SparkSession:
     """Start (or return the process's running) Spark session for ``settings`` with Delta enabled."""
     check_java()
     jars = delta_jars(delta_jars_dir(settings))
+    store = settings.profile.storage
+    if store.is_object_store:
+        from lakeray import storage
+
+        # Fail here, in storage.timeout_s, with the setting named, not in a JVM stack trace minutes later.
+        storage.check_access(settings.storage_root, store)
+        jars += delta_jars(object_store_jars_dir(settings), object_store_package())
     from pyspark.sql import SparkSession
 
     cfg = settings.profile.spark
@@ -223,7 +254,7 @@ def create_spark_session(settings: Settings) -> SparkSession:
         .config("spark.ui.enabled", "true" if cfg.ui else "false")
         .config("spark.ui.showConsoleProgress", "false")
         .config("spark.sql.warehouse.dir", f"{settings.storage_root}/spark-warehouse")
-        .config("spark.driver.extraJavaOptions", f"-Dderby.system.home={settings.storage_root}/derby")
+        .config("spark.driver.extraJavaOptions", f"-Dderby.system.home={_derby_home(settings)}")
     )
     if cfg.master.startswith("local"):
         # Python workers (the point-in-time join runs in them) must be this interpreter: the default
@@ -239,11 +270,25 @@ def create_spark_session(settings: Settings) -> SparkSession:
         # with 2). Locally the cores are the useful width; clusters keep Delta's default.
         builder = builder.config("spark.databricks.delta.snapshotPartitions",
                                  str(max(1, min(cfg.shuffle_partitions, os.cpu_count() or 1))))
+    if store.is_object_store:
+        from lakeray import storage
+
+        for key, value in storage.spark_conf(store).items():
+            builder = builder.config(key, value)
     for key, value in cfg.conf.items():
         builder = builder.config(key, value)
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("ERROR")
     return spark
+
+
+def _derby_home(settings: Settings) -> str:
+    """Derby (the metastore's files) needs a local folder: beside the lakehouse, or in the temp folder
+    when the lakehouse is on an object store (a ``s3://`` value would make a local folder named ``s3:``)."""
+    from lakeray import storage
+
+    root = settings.storage_root
+    return storage.join(root, "derby") if storage.is_local(root) else storage.join(tempfile.gettempdir(), "lakeray-derby")
 
 
 @contextlib.contextmanager

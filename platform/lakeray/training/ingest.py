@@ -247,14 +247,17 @@ class _Snapshot:
     def _filesystem(self):
         """A pyarrow filesystem for the data files and how to name a file in it: the local one for a
         local table (native, fastest), deltalake's object-store handler (the table's own URI scheme
-        and environment credentials) for anything else."""
+        and the profile's storage options, :func:`lakeray.storage.delta_options`) for anything else."""
         import pyarrow.fs as pa_fs
 
         if _is_local(self.path):
             return pa_fs.LocalFileSystem(), lambda f: _normal(f.uri)
         from deltalake.fs import DeltaStorageHandler
 
-        handler = DeltaStorageHandler(self.table.table_uri, None, {f.relative: f.size for f in self.files})
+        from lakeray import storage
+
+        handler = DeltaStorageHandler(self.table.table_uri, storage.delta_options(self.path),
+                                      {f.relative: f.size for f in self.files})
         return pa_fs.PyFileSystem(handler), lambda f: f.relative
 
 

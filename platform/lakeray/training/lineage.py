@@ -10,7 +10,6 @@ logs with delta-rs (no JVM), so it works from any machine that sees the storage 
 from __future__ import annotations
 
 import json
-import os
 from typing import TYPE_CHECKING, Any
 
 from lakeray.errors import ConfigError, ModelRegistryError
@@ -33,11 +32,12 @@ def manifest_relpath(table: str, version: int) -> str:
 
 
 def _read_manifest(settings: Settings, relpath: str) -> dict[str, Any] | None:
-    path = f"{settings.storage_root.rstrip('/')}/{relpath}"
-    if "://" in path or not os.path.isfile(path):
+    from lakeray import storage
+
+    path = storage.join(settings.storage_root, relpath)
+    if not storage.exists(path):
         return None
-    with open(path, encoding="utf-8") as fh:
-        return json.load(fh)
+    return json.loads(storage.read_text(path))
 
 
 

@@ -257,10 +257,12 @@ def _missing_files(files: list[str]) -> list[str]:
     """Data files of a version that are gone: VACUUM keeps the log but deletes files older versions need."""
     from pyarrow import fs
 
+    from lakeray import storage
+
     if not files:
         return []
-    filesystem, _ = fs.FileSystem.from_uri(files[0])
-    paths = [fs.FileSystem.from_uri(f)[1] for f in files]
+    filesystem, _ = storage.to_arrow_fs(files[0])  # the profile's object-store credentials
+    paths = [storage.to_arrow_fs(f)[1] for f in files]
     return [f for f, info in zip(files, filesystem.get_file_info(paths), strict=True)
             if info.type == fs.FileType.NotFound]
 
@@ -447,11 +449,12 @@ def _check_split(plan: TrainPlan) -> TrainPlan:
 def _manifest_for(settings: Settings, name: str, version: int) -> dict[str, Any] | None:
     # The layout features.training_sets writes (<root>/_manifests/<name>/v<N>.json); training may not
     # import features (sibling layers), so it reads the file itself. A plain table has none.
-    path = os.path.join(settings.storage_root, "_manifests", name, f"v{version}.json")
-    if "://" in path or not os.path.isfile(path):
+    from lakeray import storage
+
+    path = storage.join(settings.storage_root, "_manifests", name, f"v{version}.json")
+    if not storage.exists(path):
         return None
-    with open(path, encoding="utf-8") as fh:
-        return json.load(fh)
+    return json.loads(storage.read_text(path))
 
 
 def resolve_gpu(use_gpu: str | bool, cluster_gpus: float, num_workers: int, where: str = "train spec") -> bool:

@@ -1,0 +1,359 @@
+"""Storage URIs: a local folder or an S3-compatible object store, handled in one place.
+
+Every storage path in lakeray is a string: a local path (``/data/lakehouse``, ``file:///data/…``) or an
+object-store URI (``s3://bucket/prefix``, ``s3a://bucket/prefix``). This module is the only place such
+paths are joined and split (``pathlib.Path("s3a://b/x")`` is ``s3a:/b/x``), and the only place that
+turns the profile's ``storage`` section into what each engine wants:
+
+- Spark (hadoop-aws) reads ``s3a://`` and ``spark.hadoop.fs.s3a.*`` conf (:func:`spark_conf`);
+- delta-rs takes ``s3://`` and ``storage_options`` (:func:`delta_options`);
+- pyarrow takes an ``S3FileSystem`` and a ``bucket/key`` path (:func:`to_arrow_fs`).
+
+Secrets never sit in the config: ``storage.access_key_env`` / ``secret_key_env`` name the environment
+variables that hold them, read when a filesystem is made. Empty names leave credentials to each
+library's own chain (``AWS_ACCESS_KEY_ID``…, instance identity).
+
+The object-store settings of the loaded profile are this process's default (:func:`configure`, called by
+:func:`lakeray.config.load_settings`), so readers that get only a path (Delta readers, ingest) use the
+same credentials as the Spark session.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import threading
+import uuid
+from typing import TYPE_CHECKING, Any, Protocol
+
+from lakeray.errors import ConfigError
+
+if TYPE_CHECKING:
+    import pyarrow.fs as pa_fs
+
+__all__ = ["ObjectStoreSettings", "configure", "configured", "scheme", "is_local", "join", "parent", "name",
+           "to_spark", "to_arrow", "local_path", "to_arrow_fs", "delta_options", "spark_conf", "exists", "is_dir",
+           "list_dir", "read_text", "write_text_atomic", "makedirs", "remove", "check_access", "OBJECT_STORE_SCHEMES"]
+
+OBJECT_STORE_SCHEMES = frozenset({"s3", "s3a", "s3n"})
+
+
+class ObjectStoreSettings(Protocol):
+    """The profile's ``storage`` section (:class:`lakeray.config.StorageConfig`), as this module reads it."""
+
+    endpoint_url: str | None
+    region: str
+    access_key_env: str | None
+    secret_key_env: str | None
+    path_style: bool
+    allow_http: bool
+    timeout_s: float
+
+
+_default: ObjectStoreSettings | None = None
+_lock = threading.Lock()
+_filesystems: dict[tuple, Any] = {}
+
+
+def configure(settings: ObjectStoreSettings | None) -> None:
+    """Make ``settings`` this process's object-store settings (what path-only readers use)."""
+    global _default
+    with _lock:
+        _default = settings
+        _filesystems.clear()
+
+
+def configured() -> ObjectStoreSettings | None:
+    return _default
+
+
+# --- URIs --------------------------------------------------------------------------------------------
+
+
+def scheme(uri: str) -> str:
+    """``s3``, ``s3a``, ``file``…; ``""`` for a plain local path."""
+    head, sep, _ = uri.partition("://")
+    return head.lower() if sep and head.isascii() and head.replace("+", "").isalnum() else ""
+
+
+def is_local(uri: str) -> bool:
+    return scheme(uri) in ("", "file")
+
+
+def _split(uri: str) -> tuple[str, str]:
+    """(``scheme://authority``, path below it) for a URI; ("", path) for a local path."""
+    if not scheme(uri):
+        return "", uri
+    head, _, rest = uri.partition("://")
+    authority, slash, path = rest.partition("/")
+    return f"{head}://{authority}", slash + path
+
+
+def join(base: str, *parts: str) -> str:
+    """``base`` with ``parts`` appended by ``/``: a URI keeps its ``scheme://bucket``, a local path
+    stays a local path (``join('s3a://b', 'x')`` is ``s3a://b/x``, never ``s3a:/b/x``)."""
+    prefix, path = _split(base)
+    pieces = [p.strip("/") for p in parts if p and p.strip("/")]
+    if not pieces:
+        return base
+    if prefix:
+        return prefix + "/" + "/".join([path.strip("/"), *pieces]).lstrip("/")
+    return os.path.join(path, *pieces)
+
+
+def parent(uri: str) -> str:
+    """The folder holding ``uri`` (a bucket's root is its own parent)."""
+    prefix, path = _split(uri)
+    if not prefix:
+        return os.path.dirname(path.rstrip("/") or "/") or "."
+    return prefix + posixpath.dirname(path.rstrip("/")).rstrip("/")
+
+
+def name(uri: str) -> str:
+    """The last part of ``uri``."""
+    return _split(uri)[1].rstrip("/").rsplit("/", 1)[-1]
+
+
+def to_spark(uri: str) -> str:
+    """The URI Spark's Hadoop filesystems read: ``s3://``/``s3n://`` become ``s3a://`` (hadoop-aws)."""
+    s = scheme(uri)
+    return "s3a://" + uri.split("://", 1)[1] if s in ("s3", "s3n") else uri
+
+
+def to_arrow(uri: str) -> str:
+    """The URI delta-rs and pyarrow read: ``s3a://``/``s3n://`` become ``s3://``."""
+    s = scheme(uri)
+    return "s3://" + uri.split("://", 1)[1] if s in ("s3a", "s3n") else uri
+
+
+def local_path(uri: str) -> str:
+    """A local path or ``file://`` URI as a plain path; ConfigError for an object store."""
+    if not is_local(uri):
+        raise ConfigError(f"{uri} is on an object store, not a local folder", "use a local path here")
+    return uri.removeprefix("file://")
+
+
+# --- engines' settings -----------------------------------------------------------------------------
+
+
+def _settings(settings: ObjectStoreSettings | None) -> ObjectStoreSettings | None:
+    return settings if settings is not None else _default
+
+
+def _credentials(settings: ObjectStoreSettings) -> tuple[str | None, str | None]:
+    values = []
+    for field in ("access_key_env", "secret_key_env"):
+        var = getattr(settings, field)
+        if var and not os.environ.get(var):
+            raise ConfigError(f"storage.{field} names the environment variable {var}, which is not set",
+                              f"export {var}=… (the object store's {'access key id' if 'access' in field else 'secret'})"
+                              f" or clear storage.{field} to use the default AWS credential chain")
+        values.append(os.environ[var] if var else None)
+    return values[0], values[1]
+
+
+def _endpoint_http(settings: ObjectStoreSettings) -> bool:
+    return bool(settings.endpoint_url and settings.endpoint_url.startswith("http://"))
+
+
+def _check_http(settings: ObjectStoreSettings) -> None:
+    if _endpoint_http(settings) and not settings.allow_http:
+        raise ConfigError(f"storage.endpoint_url {settings.endpoint_url} is plain http and storage.allow_http is off",
+                          "set storage.allow_http: true (only for a store on a trusted network) or use https")
+
+
+def delta_options(uri: str, settings: ObjectStoreSettings | None = None) -> dict[str, str] | None:
+    """delta-rs ``storage_options`` for ``uri``; None for a local path (or no settings: env defaults)."""
+    settings = _settings(settings)
+    if is_local(uri) or settings is None:
+        return None
+    _check_http(settings)
+    key, secret = _credentials(settings)
+    options = {"AWS_REGION": settings.region,
+               # Delta commits are put-if-absent renames; without a lock provider delta-rs refuses them
+               # unless told that only one writer commits at a time (lakeray's writers: one per table).
+               "AWS_S3_ALLOW_UNSAFE_RENAME": "true",
+               "AWS_VIRTUAL_HOSTED_STYLE_REQUEST": "false" if settings.path_style else "true",
+               "timeout": f"{int(settings.timeout_s)}s", "connect_timeout": f"{int(min(settings.timeout_s, 10))}s"}
+    if settings.endpoint_url:
+        options["AWS_ENDPOINT_URL"] = settings.endpoint_url
+    if settings.allow_http:
+        options["AWS_ALLOW_HTTP"] = "true"
+    if key:
+        options["AWS_ACCESS_KEY_ID"] = key
+    if secret:
+        options["AWS_SECRET_ACCESS_KEY"] = secret
+    return options
+
+
+def spark_conf(settings: ObjectStoreSettings) -> dict[str, str]:
+    """``spark.hadoop.fs.s3a.*`` conf for hadoop-aws (``s3://`` is mapped to S3A too). The secrets'
+    variable names go in, not the secrets: S3A reads them through its environment provider only when
+    they are the AWS names, so named variables are copied into the conf at session start."""
+    _check_http(settings)
+    key, secret = _credentials(settings)
+    timeout_ms = str(int(settings.timeout_s * 1000))
+    conf = {
+        "fs.s3a.impl": "org.apache.hadoop.fs.s3a.S3AFileSystem",
+        "fs.s3.impl": "org.apache.hadoop.fs.s3a.S3AFileSystem",
+        "fs.s3a.endpoint.region": settings.region,
+        "fs.s3a.path.style.access": str(settings.path_style).lower(),
+        # A wrong endpoint or credentials must fail within the bounded wait, not after S3A's default
+        # minutes of retries.
+        "fs.s3a.attempts.maximum": "2",
+        "fs.s3a.retry.limit": "2",
+        "fs.s3a.retry.interval": "200ms",
+        "fs.s3a.connection.establish.timeout": str(min(int(timeout_ms), 10_000)),
+        "fs.s3a.connection.timeout": timeout_ms,
+    }
+    if settings.endpoint_url:
+        conf["fs.s3a.endpoint"] = settings.endpoint_url
+        conf["fs.s3a.connection.ssl.enabled"] = str(not _endpoint_http(settings)).lower()
+    if key and secret:
+        conf["fs.s3a.access.key"] = key
+        conf["fs.s3a.secret.key"] = secret
+        conf["fs.s3a.aws.credentials.provider"] = "org.apache.hadoop.fs.s3a.SimpleAWSCredentialsProvider"
+    return {f"spark.hadoop.{k}": v for k, v in conf.items()}
+
+
+def to_arrow_fs(uri: str, settings: ObjectStoreSettings | None = None) -> tuple[pa_fs.FileSystem, str]:
+    """(pyarrow filesystem, path inside it) for ``uri``: the local filesystem for a folder, an
+    ``S3FileSystem`` made from the storage settings for ``s3://``/``s3a://`` (cached per settings)."""
+    import pyarrow.fs as pa_fs
+
+    if is_local(uri):
+        return pa_fs.LocalFileSystem(), os.path.abspath(local_path(uri))
+    if scheme(uri) not in OBJECT_STORE_SCHEMES:
+        raise ConfigError(f"{uri}: scheme {scheme(uri)}:// is not supported", "use a local folder, s3:// or s3a://")
+    settings = _settings(settings)
+    path = uri.split("://", 1)[1].rstrip("/")
+    if settings is None:
+        return pa_fs.S3FileSystem(), path
+    _check_http(settings)
+    key, secret = _credentials(settings)
+    cache_key = (settings.endpoint_url, settings.region, key, secret, settings.path_style, settings.timeout_s)
+    with _lock:
+        filesystem = _filesystems.get(cache_key)
+        if filesystem is None:
+            if settings.endpoint_url:
+                # The AWS SDK's default request checksums (2025) are not understood by every S3-compatible
+                # server (S3Proxy answers XAmzContentSHA256Mismatch); send them only where required. Read
+                # once, when pyarrow initialises the SDK.
+                os.environ.setdefault("AWS_REQUEST_CHECKSUM_CALCULATION", "WHEN_REQUIRED")
+                os.environ.setdefault("AWS_RESPONSE_CHECKSUM_VALIDATION", "WHEN_REQUIRED")
+            endpoint = settings.endpoint_url
+            filesystem = pa_fs.S3FileSystem(
+                access_key=key, secret_key=secret, region=settings.region,
+                endpoint_override=endpoint.split("://", 1)[-1] if endpoint else None,
+                scheme="http" if _endpoint_http(settings) else "https",
+                force_virtual_addressing=not settings.path_style,
+                connect_timeout=min(settings.timeout_s, 10), request_timeout=settings.timeout_s,
+                retry_strategy=pa_fs.AwsStandardS3RetryStrategy(max_attempts=2))
+            _filesystems[cache_key] = filesystem
+    return filesystem, path
+
+
+# --- file operations (local folders and object stores alike) --------------------------------------
+
+
+def _info(uri: str):
+    filesystem, path = to_arrow_fs(uri)
+    return filesystem.get_file_info(path)
+
+
+def exists(uri: str) -> bool:
+    import pyarrow.fs as pa_fs
+
+    return _info(uri).type != pa_fs.FileType.NotFound
+
+
+def is_dir(uri: str) -> bool:
+    """A folder (local) or a prefix with objects below it (object store)."""
+    import pyarrow.fs as pa_fs
+
+    if is_local(uri):
+        return os.path.isdir(local_path(uri))
+    filesystem, path = to_arrow_fs(uri)
+    if filesystem.get_file_info(path).type == pa_fs.FileType.Directory:
+        return True
+    return bool(filesystem.get_file_info(pa_fs.FileSelector(path, allow_not_found=True, recursive=False)))
+
+
+def list_dir(uri: str) -> list[str]:
+    """Names directly below ``uri`` (files and folders), sorted; [] when it does not exist."""
+    import pyarrow.fs as pa_fs
+
+    filesystem, path = to_arrow_fs(uri)
+    infos = filesystem.get_file_info(pa_fs.FileSelector(path, allow_not_found=True, recursive=False))
+    return sorted({info.base_name for info in infos if info.base_name})
+
+
+def read_text(uri: str) -> str:
+    filesystem, path = to_arrow_fs(uri)
+    with filesystem.open_input_stream(path) as stream:
+        return stream.read().decode("utf-8")
+
+
+def write_text_atomic(uri: str, text: str) -> None:
+    """Write ``text`` so a reader sees the old content or the new, never half: a local file is written
+    beside and renamed; an object-store PUT is atomic by itself."""
+    if is_local(uri):
+        target = local_path(uri)
+        os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
+        tmp = f"{target}.tmp-{uuid.uuid4().hex[:8]}"
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, target)
+        return
+    filesystem, path = to_arrow_fs(uri)
+    with filesystem.open_output_stream(path) as stream:
+        stream.write(text.encode("utf-8"))
+
+
+def makedirs(uri: str) -> None:
+    """A local folder (and its parents); a no-op on object stores (prefixes need no creating)."""
+    if is_local(uri):
+        os.makedirs(local_path(uri), exist_ok=True)
+
+
+def remove(uri: str) -> None:
+    """Delete a file or a folder with everything below it; a no-op when it is not there."""
+    import pyarrow.fs as pa_fs
+
+    filesystem, path = to_arrow_fs(uri)
+    info = filesystem.get_file_info(path)
+    if info.type == pa_fs.FileType.File:
+        filesystem.delete_file(path)
+    elif info.type == pa_fs.FileType.Directory or not is_local(uri):
+        try:
+            filesystem.delete_dir(path)
+        except FileNotFoundError:
+            pass
+
+
+def check_access(uri: str, settings: ObjectStoreSettings | None = None) -> None:
+    """ConfigError naming the setting when the object store behind ``uri`` cannot be used: endpoint not
+    answering, credentials rejected, bucket missing. Bounded by ``storage.timeout_s``. Local: no-op."""
+    import pyarrow.fs as pa_fs
+
+    if is_local(uri):
+        return
+    settings = _settings(settings)
+    filesystem, path = to_arrow_fs(uri, settings)
+    bucket = path.split("/", 1)[0]
+    endpoint = (settings.endpoint_url if settings else None) or "the AWS default endpoint"
+    try:
+        info = filesystem.get_file_info(bucket)
+    except OSError as exc:
+        text = str(exc)
+        if "ACCESS_DENIED" in text or "403" in text or "InvalidAccessKeyId" in text or "SignatureDoesNotMatch" in text:
+            names = ", ".join(f"storage.{f} ({getattr(settings, f)})" for f in ("access_key_env", "secret_key_env")
+                              if settings is not None and getattr(settings, f)) or "the default AWS credentials"
+            raise ConfigError(f"the object store at {endpoint} rejected the credentials for bucket {bucket!r} "
+                              f"(from {names})", "set the right key and secret in those variables") from None
+        raise ConfigError(f"the object store at storage.endpoint_url {endpoint} did not answer for {uri} within "
+                          f"storage.timeout_s ({text.splitlines()[0]})",
+                          "check storage.endpoint_url and that the store is running") from None
+    if info.type == pa_fs.FileType.NotFound:
+        raise ConfigError(f"bucket {bucket!r} of {uri} does not exist at {endpoint}",
+                          "create the bucket, or fix storage.root")
