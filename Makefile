@@ -42,6 +42,7 @@ test-quick: setup
 bench: setup
 	$(PY) bench/train_xgboost.py
 	$(PY) bench/train_torch.py
+	$(PY) bench/tune_asha.py
 	$(PY) bench/pit_join.py
 	$(PY) bench/features_write.py
 	$(PY) bench/features_scaling.py
