@@ -243,3 +243,29 @@ def test_cli_spec_errors_exit_before_ray_and_register_nothing(txns, tmp_path):
         assert time.perf_counter() - started < 30
     assert not os.path.exists(os.path.join(txns.storage_root, "mlflow.db"))
     assert not os.path.exists(os.path.join(txns.storage_root, "train_runs"))
+
+
+def test_streamed_shards_are_the_shard_file_by_file(unit_settings):
+    import pyarrow as pa
+    from deltalake import write_deltalake
+
+    from lakeray.training.ingest import iter_shard, read_shard, table_shards
+
+    path = unit_settings.table_path("four_files")
+    for part in range(4):
+        write_deltalake(path, pa.table({"k": list(range(part * 10, part * 10 + 10)), "v": [float(part)] * 10}),
+                        mode="append")
+    for world in (1, 2, 3, 5):  # 5 > files: the contiguous-slice fallback
+        shards = table_shards(path, 3, world)
+        for rank in range(world):
+            pieces = list(iter_shard(path, 3, ["k", "v"], rank, world, shards))
+            whole = read_shard(path, 3, ["k", "v"], rank, world, shards)
+            streamed = pa.concat_tables(pieces) if pieces else whole.slice(0, 0)
+            assert streamed.to_pylist() == whole.to_pylist()
+            if all(shards):
+                assert len(pieces) == len(shards[rank])  # one batch per data file
+
+
+def test_ingest_stream_is_for_xgboost():
+    with pytest.raises(ConfigError, match="ingest: stream is for xgboost"):
+        _spec(model={"kind": "torch"}, ingest="stream")

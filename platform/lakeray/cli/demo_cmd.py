@@ -10,7 +10,7 @@ _LABELS = {
     "features": "feature job customer_aggregates (quality gate) → Delta",
     "training_set": "point-in-time training set + manifest",
     "ray": "start Ray",
-    "train": "XGBoost on Ray Train (2 workers) → MLflow",
+    "train": "XGBoost on Ray (jobs/training/fraud_xgboost.yaml) → MLflow",
     "serve": "deploy champion on Ray Serve",
     "predict": "HTTP predictions",
 }

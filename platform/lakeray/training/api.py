@@ -111,6 +111,7 @@ class TrainReport:
             "train_rows": o.train_rows, "valid_rows": o.valid_rows, "train_s": round(o.train_s, 2),
             "startup_s": round(o.startup_s, 2), "load_s": round(o.load_s, 2), "fit_s": round(o.fit_s, 2),
             "restarts": o.restarts, "redone_steps": o.redone_steps, "seconds": round(self.seconds, 2),
+            "ingest": "stream" if o.plan.extra.get("stream") else "memory",
             "features": o.plan.features, "skipped_columns": o.plan.skipped,
         }
 
@@ -137,32 +138,37 @@ def prepare(settings: Settings, spec: TrainSpec, where: str = "train spec", plan
 
     plan = plan or validate(settings, spec, where)
     use_gpu = resolve_gpu(spec.scaling.use_gpu, ray.cluster_resources().get("GPU", 0), spec.scaling.num_workers, where)
-    _check_memory(plan, ray.cluster_resources())
-    extra = dict(plan.extra)
+    extra = dict(plan.extra, stream=_ingest(plan, ray.cluster_resources()))
     if plan.num_workers > 1:
         extra["shards"] = table_shards(plan.path, plan.version, plan.num_workers)
     return dataclasses.replace(plan, use_gpu=use_gpu, extra=extra)
 
 
-def _check_memory(plan: TrainPlan, resources: dict[str, float]) -> None:
-    """Workers hold their rows in memory (a DMatrix or tensors). A shard that would not fit is refused
-    here, with the numbers, rather than killed by the OOM killer mid-run; streaming the rows through
-    Ray Data for such sets is not built yet (docs/training.md, "Ingest")."""
+def _ingest(plan: TrainPlan, resources: dict[str, float]) -> bool:
+    """Whether workers stream their rows (True) or hold them (False). A shard that would not fit in
+    half a worker's memory is streamed file by file into XGBoost's quantised matrix (~1 byte per value
+    instead of 4, plus one file's rows); when even that would not fit, or the model cannot stream
+    (torch), it is refused here, with the numbers, rather than killed by the OOM killer mid-run."""
     from lakeray.lakehouse.delta import table_bytes
     from lakeray.training.ingest import DECODED_EXPANSION, should_stream
 
+    mode = plan.spec.ingest
     memory = resources.get("memory", 0)
-    if memory <= 0:
-        return  # a cluster that does not report memory: nothing to compare with
+    if mode != "auto" or memory <= 0:
+        return mode == "stream"  # a cluster that does not report memory: nothing to compare with
     per_worker = memory / plan.num_workers
     size = table_bytes(plan.path, plan.version)
-    if should_stream(size, plan.num_workers, int(per_worker)):
-        gib = 1 << 30
-        raise ClusterError(
-            f"{plan.where}: {plan.input} is {size / gib:.1f} GiB of parquet (~{size * DECODED_EXPANSION / gib:.1f} "
-            f"GiB in memory); split over {plan.num_workers} worker(s) with ~{per_worker / gib:.1f} GiB each, a "
-            "shard would not fit in half a worker's memory",
-            "raise scaling.num_workers or add memory/nodes (streaming through Ray Data is not built yet)")
+    if not should_stream(size, plan.num_workers, int(per_worker)):
+        return False
+    quantised_fits = size * DECODED_EXPANSION / 4 / plan.num_workers <= per_worker / 2
+    if plan.spec.model.kind == "xgboost" and quantised_fits:
+        return True
+    gib = 1 << 30
+    raise ClusterError(
+        f"{plan.where}: {plan.input} is {size / gib:.1f} GiB of parquet (~{size * DECODED_EXPANSION / gib:.1f} GiB in "
+        f"memory); split over {plan.num_workers} worker(s) with ~{per_worker / gib:.1f} GiB each, a shard would "
+        f"not fit in half a worker's memory{'' if plan.spec.model.kind == 'xgboost' else ' (torch cannot stream)'}",
+        "raise scaling.num_workers or add memory/nodes")
 
 
 def _write_run_file(run: RunFolder, plan: TrainPlan) -> None:

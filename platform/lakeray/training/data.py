@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from lakeray.training.spec import TrainPlan
 
 __all__ = ["holdout_mask", "to_matrix", "WorkerData", "encode",
-           "validation_mask", "labels", "load_split", "iter_validation", "plan_columns"]
+           "validation_mask", "labels", "load_split", "iter_split", "iter_validation", "plan_columns"]
 
 
 def holdout_mask(ids: np.ndarray, test_fraction: float) -> np.ndarray:
@@ -106,6 +106,20 @@ def load_split(plan: TrainPlan, rank: int, world: int, shards: list[list[str]] |
     x, y = encode(table, plan), labels(table, plan)
     types = ["c" if f in plan.categorical else "q" for f in plan.features]
     return WorkerData(x[~held], y[~held], x[held], y[held], types)
+
+
+def iter_split(plan: TrainPlan, rank: int, world: int, shards: list[list[str]] | None,
+               held_out: bool) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """This worker's training (or held-out) rows, encoded, one data file at a time: the streamed
+    ingest for shards that would not fit in memory as a whole (``plan.extra["stream"]``)."""
+    from lakeray.training.ingest import iter_shard
+
+    for table in iter_shard(plan.path, plan.version, plan_columns(plan), rank, world, shards):
+        mask = validation_mask(table, plan)
+        if not held_out:
+            mask = ~mask
+        if mask.any():
+            yield encode(table, plan)[mask], labels(table, plan)[mask]
 
 
 def iter_validation(plan: TrainPlan, columns: list[str] | None = None) -> Iterator[pa.Table]:

@@ -27,6 +27,7 @@ Ray Data streaming (``ray.data.read_delta``) for data larger than the workers' m
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -35,7 +36,7 @@ from lakeray.errors import ConfigError
 if TYPE_CHECKING:
     import pyarrow as pa
 
-__all__ = ["table_shards", "read_shard", "read_version", "should_stream", "DECODED_EXPANSION"]
+__all__ = ["table_shards", "read_shard", "iter_shard", "read_version", "should_stream", "DECODED_EXPANSION"]
 
 # Arrow in memory is ~3–4× the compressed parquet on disk (DESIGN.md, the duckdb size check): the
 # upper end, so the rule errs towards streaming.
@@ -92,6 +93,22 @@ def read_shard(path: str, version: int, columns: list[str], rank: int, world: in
     everything = snapshot.read(sorted(snapshot.files, key=lambda f: f.uri), columns)
     per_rank = -(-everything.num_rows // world)
     return everything.slice(rank * per_rank, per_rank)
+
+
+def iter_shard(path: str, version: int, columns: list[str], rank: int, world: int,
+               shards: list[list[str]] | None = None) -> Iterator[pa.Table]:
+    """The rows :func:`read_shard` returns, one data file at a time (the streamed ingest: a worker
+    holds one file's rows, not its whole shard). With fewer files than ranks, the contiguous slice is
+    read at once, as ``read_shard`` does."""
+    snapshot = _Snapshot.open(path, version)
+    snapshot.check_columns(columns)
+    if shards is None:
+        shards = _plan(snapshot, world)
+    if len(shards) != world or not all(shards):
+        yield read_shard(path, version, columns, rank, world, shards)
+        return
+    for uri in shards[rank]:
+        yield snapshot.read([snapshot.file(uri)], columns)
 
 
 def read_version(path: str, version: int, columns: list[str]) -> pa.Table:

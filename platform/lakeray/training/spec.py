@@ -132,6 +132,10 @@ class TrainSpec(_Model):
     early_stopping: EarlyStopping | None = None
     metric: MetricSpec = Field(default_factory=MetricSpec)
     registry: RegisterSpec = Field(default_factory=RegisterSpec, description="Where the trained model is registered.")
+    ingest: Literal["auto", "memory", "stream"] = Field(
+        "auto", description="memory: each worker holds its shard's rows; stream (xgboost): rows go file by file "
+        "into XGBoost's quantised matrix, about 4x less memory; auto: stream when a shard would not fit "
+        "in half a worker's memory.")
 
     @field_validator("training_set")
     @classmethod
@@ -143,6 +147,8 @@ class TrainSpec(_Model):
 
     @model_validator(mode="after")
     def _metric_fits_model(self) -> TrainSpec:
+        if self.ingest == "stream" and self.model.kind != "xgboost":
+            raise ValueError("ingest: stream is for xgboost (the torch trainer holds its rows as tensors)")
         if self.model.kind == "torch" and self.metric.name not in ("auc", "logloss", "aucpr", "error"):
             raise ValueError(f"metric {self.metric.name!r}: the torch trainer is a binary classifier "
                              "(auc, aucpr, logloss, error)")

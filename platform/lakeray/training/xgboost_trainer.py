@@ -46,6 +46,45 @@ def load_booster(checkpoint_dir: str) -> xgboost.Booster:
     return booster
 
 
+def _streamed(ctx: WorkerContext, common: dict[str, Any]) -> tuple[Any, Any, tuple[int, int]]:
+    """QuantileDMatrix built from batches, one data file at a time: only the quantised matrix (about
+    one byte per value) and one file's rows are in memory, never the shard's float32 rows. XGBoost
+    reads the batches more than once (sketch, then the index), so each pass reads the files again."""
+    import xgboost
+
+    from lakeray.training.data import iter_split
+
+    plan = ctx.plan
+    counts = [0, 0]
+
+    class Batches(xgboost.DataIter):
+        def __init__(self, held_out: bool) -> None:
+            self.held_out = held_out
+            self.batches = None
+            self.passes = 0  # rows are counted on the first full pass only
+            super().__init__()
+
+        def next(self, input_data: Any) -> bool:
+            if self.batches is None:
+                self.batches = iter_split(plan, ctx.rank, ctx.world, plan.extra.get("shards"), self.held_out)
+            for x, y in self.batches:
+                if self.passes == 0:
+                    counts[self.held_out] += len(y)
+                input_data(data=x, label=y, feature_names=common["feature_names"],
+                           feature_types=common["feature_types"])
+                return True
+            self.passes += 1
+            return False
+
+        def reset(self) -> None:
+            self.batches = None
+
+    categorical = common["enable_categorical"]
+    dtrain = xgboost.QuantileDMatrix(Batches(False), nthread=ctx.threads, enable_categorical=categorical)
+    dvalid = xgboost.QuantileDMatrix(Batches(True), ref=dtrain, nthread=ctx.threads, enable_categorical=categorical)
+    return dtrain, dvalid, (counts[0], counts[1])
+
+
 def fit_xgboost(ctx: WorkerContext) -> None:
     """Runs on every worker (rank 0 of 1 in a Ray task, or each rank of a Ray Train worker group)."""
     import numpy as np
@@ -55,11 +94,16 @@ def fit_xgboost(ctx: WorkerContext) -> None:
 
     plan = ctx.plan
     started = time.perf_counter()
-    data = load_split(plan, ctx.rank, ctx.world, plan.extra.get("shards"))
-    common = {"feature_names": plan.features, "feature_types": data.feature_types,
-              "enable_categorical": bool(plan.categorical), "nthread": ctx.threads}
-    dtrain = xgboost.QuantileDMatrix(data.x_train, data.y_train, **common)
-    dvalid = xgboost.QuantileDMatrix(data.x_valid, data.y_valid, ref=dtrain, **common)
+    common = {"feature_names": plan.features, "enable_categorical": bool(plan.categorical), "nthread": ctx.threads,
+              "feature_types": ["c" if f in plan.categorical else "q" for f in plan.features]}
+    if plan.extra.get("stream"):
+        dtrain, dvalid, rows = _streamed(ctx, common)
+    else:
+        data = load_split(plan, ctx.rank, ctx.world, plan.extra.get("shards"))
+        dtrain = xgboost.QuantileDMatrix(data.x_train, data.y_train, **common)
+        dvalid = xgboost.QuantileDMatrix(data.x_valid, data.y_valid, ref=dtrain, **common)
+        rows = (len(data.y_train), len(data.y_valid))
+        del data  # the quantised matrices are what training needs from here on
     load_s = time.perf_counter() - started
 
     params = xgb_params(plan, ctx.use_gpu)
@@ -102,7 +146,7 @@ def fit_xgboost(ctx: WorkerContext) -> None:
     train_s = time.perf_counter() - boost_started
 
     # The driver sees rank 0's checkpoint only: gather the slowest timings and the row counts.
-    sums = np.array([float(len(data.y_train)), float(len(data.y_valid))])
+    sums = np.array([float(rows[0]), float(rows[1])])
     maxima = np.array([train_s, load_s])
     if ctx.world > 1:
         from xgboost import collective
