@@ -24,39 +24,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from benchlib import machine, make_table  # noqa: E402  (bench/ is not a package)
 from proctree import BUSY_SHARE, OtherLoad  # noqa: E402  (bench/ is not a package)
 
 REPO = Path(__file__).resolve().parents[1]
 TARGET = 0.7
 AUC_TOLERANCE = 0.01
 TABLE = "bench_tune"
-
-
-def make_table(path: str, rows: int, features: int, seed: int) -> int:
-    import numpy as np
-    import pyarrow as pa
-    from deltalake import DeltaTable, write_deltalake
-
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal((rows, features), dtype=np.float32)
-    logit = 1.2 * x[:, 0] - 0.8 * x[:, 1] + 0.9 * x[:, 2] * x[:, 3] + 0.6 * np.abs(x[:, 4]) - 1.0
-    label = (rng.random(rows) < 1.0 / (1.0 + np.exp(-logit))).astype(np.int32)
-    columns = {"row_id": np.arange(rows, dtype=np.int64), "label": label}
-    columns.update({f"f{j:02d}": x[:, j] for j in range(features)})
-    write_deltalake(path, pa.table(columns), mode="overwrite")
-    return DeltaTable(path).version()
-
-
-def machine() -> dict:
-    mem_kb = next(int(line.split()[1]) for line in open("/proc/meminfo") if line.startswith("MemTotal"))
-    return {"cores": os.cpu_count(), "memory_gib": round(mem_kb / 2**20, 1), "python": platform.python_version()}
 
 
 def tune_spec(rounds: int, samples: int, concurrent: int, seed: int) -> dict:
@@ -121,7 +101,7 @@ def main() -> int:
     root = tempfile.mkdtemp(prefix="lakeray-bench-tune-")
     try:
         settings = load_settings(REPO / "lakeray.yaml", "local", environ={"LAKERAY_STORAGE__ROOT": root})
-        make_table(settings.table_path(TABLE), args.rows, args.features, args.seed)
+        make_table(settings.table_path(TABLE), args.rows, args.features, 1, args.seed)
         spec = TuneSpec.parse(tune_spec(args.rounds, args.samples, args.concurrent, args.seed), "bench spec")
         ray_started = time.perf_counter()
         with ray_session(settings):

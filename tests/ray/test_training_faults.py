@@ -14,7 +14,6 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -24,21 +23,11 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def learnable(settings):
-    """40k rows, 10 numeric features, a label that depends on three of them (written with deltalake)."""
-    import pandas as pd
-    from deltalake import write_deltalake
+    """40k rows, 10 numeric features, a label that depends on three of them, in four files (so two
+    workers each read their own pair)."""
+    from tests.conftest import write_learnable
 
-    rng = np.random.default_rng(5)
-    rows = 40_000
-    x = rng.normal(size=(rows, 10))
-    logit = 1.5 * x[:, 0] - x[:, 1] + 0.8 * x[:, 2] * x[:, 3]
-    frame = pd.DataFrame(x, columns=[f"f{i}" for i in range(10)])
-    frame["row_id"] = np.arange(rows, dtype=np.int64)
-    frame["label"] = (rng.random(rows) < 1 / (1 + np.exp(-logit))).astype(np.int64)
-    path = settings.table_path("faults_set")
-    # Four files, so two workers each read their own pair.
-    for part in np.array_split(frame, 4):
-        write_deltalake(path, part, mode="append")
+    write_learnable(settings.table_path("faults_set"), 40_000, 10, seed=5, files=4)
     return "faults_set"
 
 

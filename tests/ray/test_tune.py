@@ -14,7 +14,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from lakeray.errors import ClusterError, ConfigError
@@ -26,18 +25,10 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def tune_table(settings):
-    """12k rows, 8 numeric features, a label that depends on four of them (written with deltalake)."""
-    import pandas as pd
-    from deltalake import write_deltalake
+    """12k rows, 8 numeric features, a label that depends on four of them."""
+    from tests.conftest import write_learnable
 
-    rng = np.random.default_rng(11)
-    rows = 12_000
-    x = rng.normal(size=(rows, 8))
-    logit = 1.5 * x[:, 0] - x[:, 1] + 0.8 * x[:, 2] * x[:, 3]
-    frame = pd.DataFrame(x, columns=[f"f{i}" for i in range(8)])
-    frame["row_id"] = np.arange(rows, dtype=np.int64)
-    frame["label"] = (rng.random(rows) < 1 / (1 + np.exp(-logit))).astype(np.int64)
-    write_deltalake(settings.table_path("tune_set"), frame)
+    write_learnable(settings.table_path("tune_set"), 12_000, 8, seed=11)
     return "tune_set"
 
 
