@@ -32,6 +32,25 @@ def write_learnable(path: str, rows: int, features: int, seed: int, files: int =
         write_deltalake(path, part, mode="append")
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (from /proc: the parent pid is the 2nd field after the name)."""
+    import contextlib
+
+    parents: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                with open(f"/proc/{entry}/stat", encoding="utf-8") as fh:
+                    ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
+                parents.setdefault(ppid, []).append(int(entry))
+    found, stack = [], [pid]
+    while stack:
+        for child in parents.get(stack.pop(), []):
+            found.append(child)
+            stack.append(child)
+    return found
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

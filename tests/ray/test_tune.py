@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from lakeray.errors import ClusterError, ConfigError
+from tests.conftest import descendants as _descendants
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -128,32 +129,28 @@ def test_a_search_that_cannot_place_a_trial_says_why_within_the_wait(settings, r
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
 
-    # Every CPU of the cluster held by someone else: the trials wait in line, and the search gives up.
-    held = placement_group([{"CPU": ray.cluster_resources()["CPU"]}])
-    ray.get(held.ready(), timeout=60)
+    # Every free CPU of the cluster held by someone else (in a full test run, Serve replicas of
+    # earlier tests hold some already): the trials wait in line, and the search gives up.
+    held = None
+    for _ in range(6):  # CPUs that earlier tests' workers are still releasing change the free count
+        free = ray.available_resources().get("CPU", 0)
+        if free < 0.01:
+            break
+        held = placement_group([{"CPU": free}])
+        if ray.wait([held.ready()], timeout=10)[0]:
+            break
+        remove_placement_group(held)
+        held = None
+    else:
+        pytest.fail("could not hold the cluster's free CPUs")
     try:
         started = time.monotonic()
         with pytest.raises(ClusterError, match="no trial started within 5 s"):
             _search(settings, _spec(tune_table, "no_room"), start_timeout_s=5)
         assert time.monotonic() - started < 60
     finally:
-        remove_placement_group(held)
-
-
-def _descendants(pid: int) -> list[int]:
-    parents: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            with contextlib.suppress(OSError):
-                with open(f"/proc/{entry}/stat", encoding="utf-8") as fh:
-                    ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
-                parents.setdefault(ppid, []).append(int(entry))
-    found, stack = [], [pid]
-    while stack:
-        for child in parents.get(stack.pop(), []):
-            found.append(child)
-            stack.append(child)
-    return found
+        if held is not None:
+            remove_placement_group(held)
 
 
 def _finished_trials(folder: Path) -> dict[str, int]:

@@ -158,3 +158,24 @@ def test_should_stream_rule():
     gib = 1 << 30
     assert not should_stream(total_bytes=1 * gib, world=2, worker_memory_bytes=8 * gib)  # 2 GiB decoded/worker
     assert should_stream(total_bytes=4 * gib, world=2, worker_memory_bytes=8 * gib)  # 8 GiB decoded/worker
+
+
+def test_lakehouse_readers_apply_column_mapping_and_deletion_vectors(spark, column_mapped, with_deletion_vectors):
+    """lakehouse.delta's readers (the duckdb engine, plan checks, evaluation use them) see what Spark
+    sees: deltalake's own pyarrow reader would give nulls for renamed columns and refuse deletion
+    vectors."""
+    import pyarrow as pa
+    from deltalake import DeltaTable
+
+    from lakeray.lakehouse.delta import iter_batches, read_arrow
+
+    version = DeltaTable(column_mapped).version()
+    columns = ["amount", "id", "area", "label"]
+    expected = _rows_from_spark(spark, column_mapped, version, columns)
+    assert _rows(read_arrow(column_mapped, version, columns), columns) == expected
+    batches = pa.Table.from_batches(list(iter_batches(column_mapped, version, columns, batch_size=50)))
+    assert _rows(batches, columns) == expected
+    assert "amount" in read_arrow(column_mapped, version, files=[]).schema.names
+    for dv_version in (1, 2):
+        got = _rows(read_arrow(with_deletion_vectors, dv_version, COLUMNS), COLUMNS)
+        assert got == _rows_from_spark(spark, with_deletion_vectors, dv_version, COLUMNS)
