@@ -262,16 +262,36 @@ class Settings:
         return storage.join(self.storage_root, "mlartifacts")
 
 
-def parse_spec(model: type[BaseModel], data: Any, where: str, example: str, fix: str) -> Any:
+def parse_spec(model: type[BaseModel], data: Any, where: str, example: str, fix: str,
+               keys_doc: str | None = None) -> Any:
     """``model`` validated from a YAML document; a ConfigError naming ``where`` and each field path
-    (``jobs/training/x.yaml: split.fraction: Input should be less than 1``) otherwise."""
+    (``jobs/training/x.yaml: split.fraction: Input should be less than 1``) otherwise. ``keys_doc``:
+    the page an unknown key's message points to."""
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: top level must be a mapping", f"see {example} for an example")
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        fields = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        def message(error: Any) -> str:
+            if keys_doc and error["type"] == "extra_forbidden":
+                return f"unknown key (misspelled? {keys_doc} lists the keys)"
+            return str(error["msg"]).removeprefix("Value error, ")
+
+        fields = "; ".join(f"{'.'.join(map(str, e['loc']))}: {message(e)}" for e in exc.errors())
         raise ConfigError(f"{where}: {fields}", fix) from None
+
+
+def read_spec_file(path: str | os.PathLike[str], what: str, example: str) -> Any:
+    """A spec file's YAML document; ConfigError for a missing file or invalid YAML."""
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return yaml.safe_load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"{what} {path} does not exist", f"pass a YAML file such as {example}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {getattr(exc, 'problem', exc)}", "fix the YAML") from None
 
 
 def _format_errors(where: str, prefix: str, exc: ValidationError) -> str:

@@ -155,13 +155,9 @@ class ServeSpec(_Section):
 
     @classmethod
     def parse(cls, data: Any, where: str = "serve spec") -> ServeSpec:
-        if not isinstance(data, dict):
-            raise ConfigError(f"{where}: top level must be a mapping", "see jobs/serving/*.yaml for an example")
-        try:
-            return cls.model_validate(data)
-        except ValidationError as exc:
-            fields = "; ".join(f"{'.'.join(map(str, e['loc']))}: {_message(e)}" for e in exc.errors())
-            raise ConfigError(f"{where}: {fields}", _FIX) from None
+        from lakeray.config import parse_spec
+
+        return parse_spec(cls, data, where, "jobs/serving/*.yaml", _FIX, keys_doc="docs/serving.md")
 
 
 def _message(error: dict[str, Any]) -> str:
@@ -171,18 +167,9 @@ def _message(error: dict[str, Any]) -> str:
 
 
 def load_serve_spec(path: str | os.PathLike[str]) -> ServeSpec:
-    import yaml
+    from lakeray.config import read_spec_file
 
-    where = str(path)
-    try:
-        with open(path, encoding="utf-8") as fh:
-            data = yaml.safe_load(fh)
-    except FileNotFoundError:
-        raise ConfigError(f"serve spec {where} does not exist",
-                          "pass a YAML file such as jobs/serving/fraud.yaml") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{where} is not valid YAML: {getattr(exc, 'problem', exc)}", "fix the YAML") from None
-    return ServeSpec.parse(data, where)
+    return ServeSpec.parse(read_spec_file(path, "serve spec", "jobs/serving/fraud.yaml"), str(path))
 
 
 def model_uri(spec: ServeSpec | Canary) -> str:

@@ -167,18 +167,9 @@ class TrainSpec(_Model):
 
 
 def load_train_spec(path: str | os.PathLike[str]) -> TrainSpec:
-    import yaml
+    from lakeray.config import read_spec_file
 
-    where = str(path)
-    try:
-        with open(path, encoding="utf-8") as fh:
-            data = yaml.safe_load(fh)
-    except FileNotFoundError:
-        raise ConfigError(f"train spec {where} does not exist", "pass a YAML file such as "
-                          "jobs/training/fraud_xgboost.yaml") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{where} is not valid YAML: {getattr(exc, 'problem', exc)}", "fix the YAML") from None
-    return TrainSpec.parse(data, where)
+    return TrainSpec.parse(read_spec_file(path, "train spec", "jobs/training/fraud_xgboost.yaml"), str(path))
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from lakeray.errors import ConfigError
 from lakeray.training.spec import MetricSpec, TrainSpec
@@ -161,30 +161,15 @@ class TuneSpec(_Model):
 
     @classmethod
     def parse(cls, data: Any, where: str = "tune spec") -> TuneSpec:
-        if not isinstance(data, dict):
-            raise ConfigError(f"{where}: top level must be a mapping", "see jobs/training/fraud_tune.yaml")
-        try:
-            return cls.model_validate(data)
-        except ValidationError as exc:
-            fields = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg'].removeprefix('Value error, ')}"
-                               for e in exc.errors())
-            raise ConfigError(f"{where}: {fields}", "fix the tune spec (docs/training.md, \"Tuning\")") from None
+        from lakeray.config import parse_spec
+
+        return parse_spec(cls, data, where, "jobs/training/fraud_tune.yaml", 'fix the tune spec (docs/training.md, "Tuning")')
 
 
 def load_tune_spec(path: str | os.PathLike[str]) -> TuneSpec:
-    return TuneSpec.parse(_read_yaml(str(path), "tune spec", "jobs/training/fraud_tune.yaml"), str(path))
+    from lakeray.config import read_spec_file
 
-
-def _read_yaml(path: str, what: str, example: str) -> Any:
-    import yaml
-
-    try:
-        with open(path, encoding="utf-8") as fh:
-            return yaml.safe_load(fh)
-    except FileNotFoundError:
-        raise ConfigError(f"{what} {path} does not exist", f"pass a YAML file such as {example}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {getattr(exc, 'problem', exc)}", "fix the YAML") from None
+    return TuneSpec.parse(read_spec_file(path, "tune spec", "jobs/training/fraud_tune.yaml"), str(path))
 
 
 @dataclass(frozen=True)
@@ -292,4 +277,6 @@ def _base_spec(tune: TuneSpec, where: str) -> tuple[TrainSpec, str]:
     if not os.path.isfile(path):
         raise ConfigError(f"{where}: train: {tune.train!r} does not exist (looked for {path})",
                           "give a path relative to the tune spec's folder, or the train spec inline")
-    return TrainSpec.parse(_read_yaml(path, "train spec", "fraud_xgboost.yaml"), path), path
+    from lakeray.config import read_spec_file
+
+    return TrainSpec.parse(read_spec_file(path, "train spec", "fraud_xgboost.yaml"), path), path
