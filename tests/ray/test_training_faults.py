@@ -4,7 +4,6 @@ number of rounds; a driver SIGKILLed mid-run is continued by `lakeray train --re
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import descendants as _descendants
+from tests.conftest import kill_tree
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -142,11 +141,7 @@ def test_a_killed_driver_is_resumed_with_resume_run(settings, learnable, tmp_pat
         assert run_dir is not None, "the run never checkpointed"
         # The driver and every process of the local Ray it started (raylet, GCS, the training worker,
         # which Ray started in sessions of their own): a crashed session, not a polite exit.
-        tree = _descendants(driver.pid)
-        os.killpg(driver.pid, signal.SIGKILL)
-        for child in tree:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(child, signal.SIGKILL)
+        kill_tree(driver.pid)
         driver.wait(30)
     finally:
         if driver.poll() is None:

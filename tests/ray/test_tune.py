@@ -5,7 +5,6 @@ and a search that cannot place a trial fail before any trial, naming the field o
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -17,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from lakeray.errors import ClusterError, ConfigError
-from tests.conftest import descendants as _descendants
+from tests.conftest import kill_tree
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -188,11 +187,7 @@ def test_a_killed_search_resumes_without_rerunning_finished_trials(settings, tun
         time.sleep(2.5)  # Tune saves the experiment's state every 2 s: the finished trials are in it
         before = _finished_trials(folder)
         assert 2 <= len(before) < 6, "the search finished before its driver was killed"
-        tree = _descendants(driver.pid)
-        os.killpg(driver.pid, signal.SIGKILL)
-        for child in tree:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(child, signal.SIGKILL)
+        kill_tree(driver.pid)
         driver.wait(30)
     finally:
         if driver.poll() is None:

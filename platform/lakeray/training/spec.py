@@ -220,7 +220,7 @@ def _is_categorical_type(t: pa.DataType) -> bool:
     return pat.is_string(t) or pat.is_large_string(t) or pat.is_boolean(t) or pat.is_dictionary(t)
 
 
-def _pin(settings: Settings, spec: TrainSpec, where: str) -> tuple[str, str, int]:
+def _pin(settings: Settings, spec: TrainSpec, where: str) -> tuple[str, str, int, pa.Schema]:
     from lakeray.lakehouse.delta import latest_version, read_arrow, table_files
 
     name, _, version = spec.training_set.partition("@")
@@ -238,7 +238,7 @@ def _pin(settings: Settings, spec: TrainSpec, where: str) -> tuple[str, str, int
                           "pin an existing version, or drop @version for the latest")
     fix = "pin a version whose files still exist (`lakeray tables history NAME`), or rebuild the training set"
     try:
-        read_arrow(path, pinned, files=[])
+        schema = read_arrow(path, pinned, files=[]).schema
         files = table_files(path, pinned)
     except Exception as exc:  # noqa: BLE001 - an expired log fails to load the version
         raise DataQualityError(f"{where}: training_set: {name}@{pinned} cannot be read ({str(exc).splitlines()[0]}); "
@@ -247,7 +247,7 @@ def _pin(settings: Settings, spec: TrainSpec, where: str) -> tuple[str, str, int
     if missing:
         raise DataQualityError(f"{where}: training_set: {name}@{pinned} lost {len(missing)} of its {len(files)} "
                                f"data file(s) (VACUUM removed them, e.g. {missing[0].rsplit('/', 1)[-1]})", fix)
-    return name, path, pinned
+    return name, path, pinned, schema
 
 
 def _missing_files(files: list[str]) -> list[str]:
@@ -368,10 +368,9 @@ def plan_training(settings: Settings, spec: TrainSpec, where: str = "train spec"
     """Pin the training set and check the spec against its schema. Nothing starts; nothing is written."""
     import pyarrow.types as pat
 
-    from lakeray.lakehouse.delta import read_arrow, table_rows
+    from lakeray.lakehouse.delta import table_rows
 
-    name, path, version = _pin(settings, spec, where)
-    schema = read_arrow(path, version, files=[]).schema
+    name, path, version, schema = _pin(settings, spec, where)
     names = schema.names
     for fld, column in (("label", spec.label), ("split.column", spec.split.column)):
         if column not in names:
