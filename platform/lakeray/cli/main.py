@@ -32,6 +32,9 @@ _COMMANDS = {
     "predict": ("lakeray.cli.predict_cmd", "predict", "Score JSON instances with a deployed app (retries on 503)."),
     "models": ("lakeray.cli.models_cmd", "models", "Registered models: list, show, lineage, promote (champion gate)."),
     "cluster": ("lakeray.cli.cluster_cmd", "cluster", "A local Ray + Spark cluster (up, status, down); validate cluster YAMLs."),
+    "jobs": ("lakeray.cli.jobs_cmd", "jobs", "Ray jobs on the cluster: submit a lakeray command or script, status, logs, stop, list."),
+    "schedule": ("lakeray.cli.schedule_cmd", "schedule", "Schedules from the declarations: list, show, next (starts nothing)."),
+    "scheduler": ("lakeray.cli.schedule_cmd", "scheduler", "The Dagster daemon and UI for the project: start, stop, status."),
 }
 
 
