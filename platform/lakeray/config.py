@@ -86,6 +86,18 @@ class RayConfig(_Model):
     )
     object_store_memory_mb: int | None = Field(None, ge=128, description="Object store size of a local Ray.")
     op_timeout_s: float = Field(900, gt=0, description="Upper bound on any single Ray wait (fit, deploy).")
+    dashboard_address: str | None = Field(
+        None,
+        description="Ray dashboard / Jobs API of a remote cluster (http://head:8265) for `lakeray jobs`; empty: "
+        "the `lakeray cluster up` cluster of this storage root.",
+    )
+
+    @field_validator("dashboard_address")
+    @classmethod
+    def _http_address(cls, value: str | None) -> str | None:
+        if value and not re.fullmatch(r"https?://[^/\s]+/?", value):
+            raise ValueError("must be http(s)://host:port (the Ray dashboard, not the GCS or ray:// address)")
+        return value.rstrip("/") if value else value
 
 
 class StorageConfig(_Model):
