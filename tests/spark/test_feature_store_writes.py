@@ -59,13 +59,12 @@ def test_declarations_are_discovered_with_their_settings(fs):
 
 
 def test_declaration_errors_are_clear():
-    from pydantic import ValidationError
-
+    from lakeray.errors import ConfigError
     from lakeray.features import feature_job
 
-    with pytest.raises(ValidationError, match="needs partition_by"):
+    with pytest.raises(ConfigError, match="feature job 'x': declaration: .*needs partition_by"):
         feature_job(name="x", write_mode="partitions")(lambda: None)
-    with pytest.raises(ValidationError, match="must be letters"):
+    with pytest.raises(ConfigError, match="must be letters"):
         feature_job(name="bad-name")(lambda: None)
 
 

@@ -77,6 +77,9 @@ def _load_module_locked(path: Path):
     sys.modules[name] = module
     try:
         spec.loader.exec_module(module)
+    except LakerayError as exc:  # a @feature_job declaration error: it already names the job and field
+        del sys.modules[name]
+        raise ConfigError(f"{path}: {exc.headline}", exc.fix) from None
     except Exception as exc:
         del sys.modules[name]
         raise ConfigError(f"{path}: importing the feature job failed: {exc}",

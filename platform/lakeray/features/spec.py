@@ -14,20 +14,23 @@ on a hand-built DataFrame without lakeray's runner.
 from __future__ import annotations
 
 import ast
+import datetime as dt
 import hashlib
 import importlib.util
 import re
 import sys
+import zoneinfo
 from collections.abc import Callable, Iterator
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from lakeray.errors import ConfigError
 from lakeray.lakehouse.quality import Expectation
 
-__all__ = ["FeatureJob", "feature_job"]
+__all__ = ["FeatureJob", "feature_job", "check_cron", "check_timezone"]
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
@@ -53,6 +56,18 @@ class FeatureJob(BaseModel):
                                             "on the output before commit.")
     allow_column_changes: bool = Field(False, description="Allow dropping or retyping existing columns "
                                        "(added columns are always allowed).")
+    # Scheduling (lakeray.scheduler turns these into Dagster schedules and retry policies).
+    schedule: str | None = Field(None, description="Cron expression (5 fields, or @hourly/@daily/@weekly/"
+                                 "@monthly) on which the scheduler runs the job; none: run by hand only.")
+    timezone: str = Field("UTC", description="IANA time zone the cron expression is read in.")
+    retries: int = Field(0, ge=0, le=20, description="Retries of a failed scheduled run (exponential backoff).")
+    retry_delay_s: float = Field(30.0, ge=0, description="Wait before the first retry; doubles each retry.")
+    timeout_s: float | None = Field(None, gt=0, description="Longest a scheduled run may take before the "
+                                    "scheduler cancels it.")
+    catchup: Literal["all", "latest"] = Field("latest", description="Intervals missed while the scheduler "
+                                              "was down: run all of them, or only the latest.")
+    partitions_start: str | None = Field(None, description="First day (ISO date) of a partitions job's "
+                                         "daily partitions in the scheduler (needed to schedule it).")
     fn: Callable[..., Any] = Field(description="The PySpark function.", exclude=True)
     source: str = Field("", description="File the job was loaded from.")
     project_roots: tuple[str, ...] = Field((), exclude=True, description="Folders whose modules count as "
@@ -89,6 +104,26 @@ class FeatureJob(BaseModel):
             digest.update(file.read_bytes())
         digest.update(_lakeray_fingerprint().encode())
         return digest.hexdigest()[:12]
+
+    @field_validator("schedule")
+    @classmethod
+    def _valid_cron(cls, value: str | None) -> str | None:
+        return None if value is None else check_cron(value)
+
+    @field_validator("timezone")
+    @classmethod
+    def _valid_timezone(cls, value: str) -> str:
+        return check_timezone(value)
+
+    @field_validator("partitions_start")
+    @classmethod
+    def _valid_start(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                dt.date.fromisoformat(value)
+            except ValueError:
+                raise ValueError(f"{value!r} is not an ISO date (e.g. 2026-01-01)") from None
+        return value
 
     @field_validator("name")
     @classmethod
@@ -177,10 +212,62 @@ def _project_imports(source: Path, roots: list[Path]) -> dict[str, Path]:
     return found
 
 
+# Cron fields: (name, lowest, highest, names). Checked here, without the scheduler, so a bad
+# expression fails when the job is declared, not when the daemon first evaluates it.
+_CRON_FIELDS = (("minute", 0, 59, ()), ("hour", 0, 23, ()), ("day of month", 1, 31, ()),
+                ("month", 1, 12, ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec")),
+                ("day of week", 0, 7, ("sun", "mon", "tue", "wed", "thu", "fri", "sat")))
+_CRON_ALIASES = {"@hourly": "0 * * * *", "@daily": "0 0 * * *", "@midnight": "0 0 * * *",
+                 "@weekly": "0 0 * * 0", "@monthly": "0 0 1 * *"}
+_CRON_ITEM = re.compile(r"(\*|(\w+)(?:-(\w+))?)(?:/(\d+))?")
+
+
+def check_cron(expression: str) -> str:
+    """``expression`` as a 5-field cron string (aliases expanded); ValueError saying which field is wrong."""
+    text = _CRON_ALIASES.get(expression.strip().lower(), expression.strip())
+    fields = text.split()
+    if len(fields) != 5:
+        raise ValueError(f"cron {expression!r} must have 5 fields (minute hour day-of-month month day-of-week) "
+                         f"or be one of {', '.join(_CRON_ALIASES)}")
+    for value, (what, low, high, names) in zip(fields, _CRON_FIELDS):
+        for item in value.split(","):
+            match = _CRON_ITEM.fullmatch(item.lower())
+            bounds = [match.group(2), match.group(3)] if match else []
+            try:
+                numbers = [names.index(b) + (low if names and low else 0) if b in names else int(b)
+                           for b in bounds if b is not None]
+            except ValueError:
+                numbers = [-1]
+            step = match.group(4) if match else None
+            if not match or any(not low <= n <= high for n in numbers) or (step is not None and int(step) < 1) \
+                    or (len(numbers) == 2 and numbers[0] > numbers[1]):
+                raise ValueError(f"cron {expression!r}: {what} field {value!r} is not valid ({low}-{high})")
+    return text
+
+
+def check_timezone(name: str) -> str:
+    """``name`` if it is an IANA time zone; ValueError otherwise."""
+    try:
+        zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"unknown time zone {name!r} (use an IANA name such as UTC or Europe/Berlin)") from None
+    return name
+
+
 def feature_job(**declaration: Any) -> Callable[[Callable[..., Any]], FeatureJob]:
-    """Decorator that turns a PySpark function into a :class:`FeatureJob` (validated at import)."""
+    """Decorator that turns a PySpark function into a :class:`FeatureJob` (validated at import).
+
+    An invalid declaration raises a ConfigError naming the job and each field (``feature job 'x':
+    schedule: cron '61 * * * *': minute field '61' is not valid (0-59)``).
+    """
 
     def wrap(fn: Callable[..., Any]) -> FeatureJob:
-        return FeatureJob(fn=fn, **declaration)
+        try:
+            return FeatureJob(fn=fn, **declaration)
+        except ValidationError as exc:
+            fields = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'declaration'}: "
+                               f"{str(e['msg']).removeprefix('Value error, ')}" for e in exc.errors())
+            name = declaration.get("name", getattr(fn, "__name__", "?"))
+            raise ConfigError(f"feature job {name!r}: {fields}", "fix the @feature_job declaration") from None
 
     return wrap
