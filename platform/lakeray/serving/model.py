@@ -68,17 +68,19 @@ def _category(value: Any) -> Any:
 
 def instance_model(model: ServedModel):
     """The pydantic model of one instance: every feature a required field under its own name."""
-    from pydantic import ConfigDict, Field, create_model
+    from pydantic import ConfigDict, Field, StrictBool, StrictFloat, StrictStr, create_model
 
     fields: dict[str, Any] = {}
     for i, name in enumerate(model.features):
         if name in model.categorical:
             vocab = model.categorical[name]
-            annotation: Any = str | bool | None
+            # Strict types: lax pydantic took 0 as False and "1.5" as 1.5, values the published schema
+            # refuses (schemathesis: "schema-violating request accepted"). An integer is a JSON number.
+            annotation: Any = StrictStr | StrictBool | None
             info = Field(..., alias=name, description=f"categorical; known values: {vocab[:20]}"
                          f"{' …' if len(vocab) > 20 else ''} (others and null: missing)")
         else:
-            annotation = float | None
+            annotation = StrictFloat | None
             info = Field(..., alias=name, allow_inf_nan=False, description="number (null: missing)")
         fields[f"f{i}"] = (annotation, info)  # aliases: a feature name need not be a Python identifier
     title = f"{model.name}_v{model.version}_instance"
