@@ -9,10 +9,16 @@ Routes (under the app's route prefix):
   ones), never a 500; a body over ``max_request_bytes`` is a 413; with auth, a missing or wrong
   bearer token is a 401. The request id is Serve's ``X-Request-Id`` (the caller's, or one the proxy
   made), returned in the body and the header.
-- ``GET /healthz``: the model and version this replica serves, its features, batch and log figures.
+- With online features (:mod:`lakeray.serving.online`) an instance carries the entity key fields and
+  the request-time features; the replica looks the rest up in memory, and the answer adds
+  ``feature_versions`` (table → version served) and ``unknown_entities`` (per instance, the tables
+  whose entity was unknown: their declared defaults were served).
+- ``GET /healthz``: the model and version this replica serves, its features, batch, log and online
+  feature figures. ``GET /metrics``: this replica's Prometheus metrics (:mod:`lakeray.serving.metrics`;
+  the same figures go to Ray's metrics export port for the whole cluster).
 
-Requests are scored together with ``@serve.batch`` (one vectorised predict per batch). Each answer is
-queued for the prediction log (:mod:`lakeray.serving.prediction_log`) after it is computed.
+Requests are scored together with ``@serve.batch`` (one feature lookup and one vectorised predict per
+batch). Each answer is queued for the prediction log (:mod:`lakeray.serving.prediction_log`) after it is computed.
 
 The replica resolves nothing: the deploy pinned the model version (``models:/name/N``) in the app's
 args, so moving an alias changes nothing until the next deploy. No ``from __future__ import
@@ -25,6 +31,7 @@ import time
 import uuid
 import zlib
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -55,6 +62,7 @@ class AppArgs(BaseModel):
     log_max_buffer_rows: int = 100_000
     canary_uri: Optional[str] = Field(None, description="models:/name/N of the challenger, or none.")
     canary_percent: float = Field(0.0, ge=0, lt=100)
+    features: Optional[dict] = Field(None, description="The online feature plan (lakeray.serving.online.OnlinePlan).")
 
 
 class PredictResponse(BaseModel):
@@ -62,6 +70,20 @@ class PredictResponse(BaseModel):
     model: str
     model_version: int
     request_id: str
+    feature_versions: Optional[dict[str, int]] = Field(
+        None, description="Online features: the version of each feature table the values came from.")
+    unknown_entities: Optional[list[list[str]]] = Field(
+        None, description="Online features: per instance, the tables whose entity was unknown (defaults served).")
+
+
+@dataclass(slots=True)
+class _Scored:
+    """One request's share of a batch."""
+
+    scores: list
+    unknown: Optional[list] = None  # per row: tables whose entity was unknown
+    versions: Optional[dict] = None  # table → version served
+    looked_up: Optional[list] = None  # per row: the looked-up values (for the prediction log)
 
 
 class _BodyLimit:
@@ -106,6 +128,36 @@ class _BodyLimit:
         await send({"type": "http.response.body", "body": payload})
 
 
+class _Metered:
+    """ASGI middleware: every ``/predict`` answer counted by status code and model version (the version
+    the handler put in ``x-model-version``; refusals count against the app's model), latency observed."""
+
+    def __init__(self, app: Any, server: Any) -> None:
+        self.app, self.server = app, server
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or not scope.get("path", "").endswith("/predict"):
+            return await self.app(scope, receive, send)
+        started = time.perf_counter()
+        seen = {"code": 500, "version": None}
+
+        async def observed(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                seen["code"] = message["status"]
+                for key, value in message.get("headers", []):
+                    if key == b"x-model-version":
+                        seen["version"] = value.decode()
+            await send(message)
+
+        try:
+            await self.app(scope, receive, observed)
+        finally:
+            model = self.server.model
+            version = seen["version"] or str(model.version)
+            name = self.server.canary.name if self.server.canary and version != str(model.version) else model.name
+            self.server.metrics.answered(name, version, seen["code"], time.perf_counter() - started)
+
+
 def _errors(raw: list[dict]) -> list[dict]:
     """FastAPI's validation errors as ``{loc, msg, type}`` (no echoed input: it may be a non-finite
     number that JSON cannot carry); within an instance, wrongly given values before missing features."""
@@ -121,13 +173,23 @@ class ModelServer:
     def __init__(self, args: dict):
         import ray
 
+        from lakeray.serving.metrics import EndpointMetrics
         from lakeray.serving.model import instance_model, load_served_model
+        from lakeray.serving.online import OnlinePlan, OnlineStore
         from lakeray.serving.prediction_log import PredictionLog
 
         self.args = AppArgs.model_validate(args)
         cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
         self.model = load_served_model(self.args.tracking_uri, self.args.model_uri, threads=max(1, round(cpus)))
-        self.instance = instance_model(self.model)
+        self.metrics = EndpointMetrics(self.args.app)
+        self.online = None
+        if self.args.features:
+            plan = OnlinePlan.model_validate(self.args.features)
+            self.online = OnlineStore(plan, self.model, keep_raw=bool(self.args.log_table_uri))
+            self.instance = instance_model(self.model, plan.request_fields(), plan.looked_up())
+            self._served_versions: dict = {}
+        else:
+            self.instance = instance_model(self.model)
         self.canary = None
         if self.args.canary_uri and self.args.canary_percent > 0:
             self.canary = load_served_model(self.args.tracking_uri, self.args.canary_uri, threads=max(1, round(cpus)))
@@ -145,25 +207,41 @@ class ModelServer:
                                      self.args.log_max_buffer_rows)
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.002)
-    async def _score(self, matrices: list) -> list:
-        return self._vectorised(self.model, matrices)
+    async def _score(self, requests: list) -> list:
+        return self._vectorised(self.model, requests)
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.002)
-    async def _score_canary(self, matrices: list) -> list:
-        return self._vectorised(self.canary, matrices)
+    async def _score_canary(self, requests: list) -> list:
+        return self._vectorised(self.canary, requests)
 
-    def _vectorised(self, model: Any, matrices: list) -> list:
-        """One predict for the whole batch, split back per request."""
-        import numpy as np
-
-        self.batch_sizes[len(matrices)] += 1
-        x = matrices[0] if len(matrices) == 1 else np.concatenate(matrices)
-        scores = model.predict(x)
+    def _vectorised(self, model: Any, requests: list) -> list:
+        """One feature lookup and one predict for the whole batch (each request: its rows), split back."""
+        self.batch_sizes[len(requests)] += 1
+        self.metrics.batch(model.name, model.version, len(requests))
+        rows = requests[0] if len(requests) == 1 else [row for rows in requests for row in rows]
+        lookup = self.online.lookup(rows) if self.online is not None else None
+        scores = model.predict(model.matrix(rows, lookup.features if lookup is not None else None))
+        if lookup is not None:
+            self._count_lookup(lookup)
         out, start = [], 0
-        for m in matrices:
-            out.append(scores[start:start + len(m)])
-            start += len(m)
+        for request in requests:
+            end = start + len(request)
+            if lookup is None:
+                out.append(_Scored(scores=scores[start:end]))
+            else:
+                out.append(_Scored(scores=scores[start:end], unknown=lookup.unknown[start:end],
+                                   versions=lookup.versions,
+                                   looked_up=lookup.raw[start:end] if lookup.raw is not None else None))
+            start = end
         return out
+
+    def _count_lookup(self, lookup: Any) -> None:
+        tables = Counter(table for row in lookup.unknown for table in row)
+        for table, count in tables.items():
+            self.metrics.unknown_entities(table, count)
+        if lookup.versions != self._served_versions:
+            self._served_versions = lookup.versions
+            self.metrics.feature_versions(lookup.versions)
 
     def _to_canary(self, request_id: str) -> bool:
         """The challenger's share, by a hash of the request id (a retried request goes the same way)."""
@@ -172,7 +250,7 @@ class ModelServer:
         return zlib.crc32(request_id.encode()) % 10_000 < self.args.canary_percent * 100
 
     def __serve_build_asgi_app__(self):
-        from fastapi import Depends, FastAPI, HTTPException, Request
+        from fastapi import Depends, FastAPI, HTTPException, Request, Response
         from fastapi.exceptions import RequestValidationError
         from fastapi.responses import JSONResponse
 
@@ -201,7 +279,8 @@ class ModelServer:
 
         @api.post("/predict", response_model=PredictResponse, dependencies=[Depends(authorised)],
                   responses=responses)
-        async def predict(body: request_model, request: Request) -> PredictResponse:  # type: ignore[valid-type]
+        async def predict(body: request_model, request: Request,  # type: ignore[valid-type]
+                          response: Response) -> PredictResponse:
             started = time.perf_counter()
             # Serve's proxy puts the caller's X-Request-Id (or one it made) in the request and the reply.
             given = request.headers.get("x-request-id", "")
@@ -209,13 +288,16 @@ class ModelServer:
             rows = [item.model_dump(by_alias=True) for item in body.instances]
             canary = server._to_canary(request_id)
             served = server.canary if canary else model
-            matrix = model.matrix(rows)
-            scores = await (server._score_canary(matrix) if canary else server._score(matrix))
+            scored = await (server._score_canary(rows) if canary else server._score(rows))
             latency_ms = (time.perf_counter() - started) * 1000.0
             if server.log is not None:
-                server.log.append(request_id, rows, scores, latency_ms, served.name, served.version)
-            return PredictResponse(predictions=scores, model=served.name, model_version=served.version,
-                                   request_id=request_id)
+                logged = rows if scored.looked_up is None else [{**row, **values} for row, values
+                                                                 in zip(rows, scored.looked_up, strict=True)]
+                server.log.append(request_id, logged, scored.scores, latency_ms, served.name, served.version)
+            response.headers["x-model-version"] = str(served.version)
+            return PredictResponse(predictions=scored.scores, model=served.name, model_version=served.version,
+                                   request_id=request_id, feature_versions=scored.versions,
+                                   unknown_entities=scored.unknown)
 
         @api.get("/healthz")
         def healthz() -> dict:
@@ -225,15 +307,26 @@ class ModelServer:
                     "canary": {"model": canary.name, "model_version": canary.version,
                                "percent": server.args.canary_percent} if canary is not None else None,
                     "batch_sizes": {str(k): v for k, v in sorted(server.batch_sizes.items())},
-                    "prediction_log": server.log.stats() if server.log is not None else None}
+                    "prediction_log": server.log.stats() if server.log is not None else None,
+                    "online_features": server.online.stats() if server.online is not None else None}
+
+        @api.get("/metrics", response_class=Response,
+                 responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}})
+        def metrics() -> Response:
+            body, content_type = server.metrics.exposition()
+            return Response(body, media_type=content_type)
 
         api.add_middleware(_BodyLimit, limit=self.args.max_request_bytes)
+        api.add_middleware(_Metered, server=self)  # outermost: 413s are counted too
         return api
 
     def __del__(self):
         log = getattr(self, "log", None)
         if log is not None:
             log.close()
+        online = getattr(self, "online", None)
+        if online is not None:
+            online.close()
 
 
 def _request_model(instance: Any, model: Any, max_rows: int) -> Any:

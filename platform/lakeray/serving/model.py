@@ -29,19 +29,24 @@ class ServedModel:
     def __post_init__(self) -> None:
         self._codes = {name: {value: i for i, value in enumerate(vocab)} for name, vocab in self.categorical.items()}
 
-    def matrix(self, rows: list[dict[str, Any]]):
+    def matrix(self, rows: list[dict[str, Any]], given: dict[str, Any] | None = None):
         """Rows (feature → value, None for missing) as the float32 matrix the model was trained on:
-        categorical values as their vocabulary index, unseen values and nulls as NaN (as in training)."""
+        categorical values as their vocabulary index, unseen values and nulls as NaN (as in training).
+        ``given``: features already encoded as float32 columns (online features), not read from rows."""
         import numpy as np
 
+        given = given or {}
         out = np.empty((len(rows), len(self.features)), dtype=np.float32)
         for j, name in enumerate(self.features):
-            codes = self._codes.get(name)
-            if codes is None:
-                out[:, j] = [np.nan if row[name] is None else row[name] for row in rows]
-            else:
-                out[:, j] = [codes.get(_category(row[name]), np.nan) for row in rows]
+            out[:, j] = given[name] if name in given else self.encode(name, [row[name] for row in rows])
         return out
+
+    def encode(self, name: str, values: list[Any]) -> list[float]:
+        """One feature's raw values as the model's numbers (see :meth:`matrix`)."""
+        codes = self._codes.get(name)
+        if codes is None:
+            return [_NAN if value is None else value for value in values]
+        return [codes.get(_category(value), _NAN) for value in values]
 
     def predict(self, x) -> list[Any]:
         import numpy as np
@@ -59,6 +64,9 @@ class ServedModel:
         return scores.tolist()
 
 
+_NAN = float("nan")
+
+
 def _category(value: Any) -> Any:
     # Training cast booleans to Arrow strings: "true"/"false".
     if isinstance(value, bool):
@@ -66,12 +74,19 @@ def _category(value: Any) -> Any:
     return value
 
 
-def instance_model(model: ServedModel):
-    """The pydantic model of one instance: every feature a required field under its own name."""
-    from pydantic import ConfigDict, Field, StrictBool, StrictFloat, StrictStr, create_model
+def instance_model(model: ServedModel, key_fields: dict[str, str] | None = None, looked_up: set[str] | None = None):
+    """The pydantic model of one instance: every feature a required field under its own name. With online
+    features: the entity key fields (``key_fields``: name → 'int'/'str', required, not null) and the
+    request-time features, without the ``looked_up`` ones (the replica fetches those)."""
+    from pydantic import ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, create_model
 
     fields: dict[str, Any] = {}
+    for name, kind in (key_fields or {}).items():
+        annotation = StrictInt if kind == "int" else StrictStr
+        fields[f"k{len(fields)}"] = (annotation, Field(..., alias=name, description=f"entity key ({kind})"))
     for i, name in enumerate(model.features):
+        if name in (looked_up or set()) or name in (key_fields or {}):
+            continue
         if name in model.categorical:
             vocab = model.categorical[name]
             # Strict types: lax pydantic took 0 as False and "1.5" as 1.5, values the published schema

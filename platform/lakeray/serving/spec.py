@@ -25,7 +25,7 @@ from lakeray.errors import ConfigError
 if TYPE_CHECKING:
     from lakeray.config import Settings
 
-__all__ = ["ServeSpec", "Canary", "load_serve_spec", "model_uri", "compile_app", "deploy_config", "app_args",
+__all__ = ["ServeSpec", "Canary", "OnlineFeatures", "OnlineFeatureTable", "load_serve_spec", "model_uri", "compile_app", "deploy_config", "app_args",
            "IMPORT_PATH", "DEPLOYMENT_NAME"]
 
 IMPORT_PATH = "lakeray.serving.app:build_app"
@@ -112,6 +112,45 @@ class Canary(_Section):
         return _check_model(value)
 
 
+class OnlineFeatureTable(_Section):
+    """One Delta feature table the replica keeps in memory (Feast: a feature view in the online store)."""
+
+    table: str = Field(..., description="Feature table name under <storage.root>/tables/.")
+    entity_keys: list[str] = Field(..., min_length=1, description="The table's key columns (integer or string).")
+    request_keys: dict[str, str] | None = Field(
+        None, description="Key column → the request field that carries it (default: the same names).")
+    columns: list[str] | None = Field(
+        None, description="Feature columns to serve (default: every column of the table the model uses).")
+    event_time: str | None = Field(
+        None, description="Column that orders an entity's rows: the newest row is served (none: one row per entity).")
+    max_age_s: float | None = Field(None, gt=0, description="A newest row older than this counts as unknown.")
+    version: int | None = Field(None, ge=0, description="Serve this version only (none: the latest, followed).")
+
+    @model_validator(mode="after")
+    def _keys(self) -> OnlineFeatureTable:
+        if self.request_keys is not None and set(self.request_keys) != set(self.entity_keys):
+            raise ValueError(f"request_keys maps {sorted(self.request_keys)} but entity_keys are "
+                             f"{sorted(self.entity_keys)}: map exactly the entity keys")
+        return self
+
+
+class OnlineFeatures(_Section):
+    """Online features: a request names entity keys plus request-time fields; the replica looks the rest
+    up in memory from pinned versions of Delta feature tables (Feast's online store + feature service)."""
+
+    tables: list[OnlineFeatureTable] | None = Field(
+        None, description="Feature tables to look up (default: those of the model's training set, from its "
+        "manifest: the same tables, columns, keys and names as in training).")
+    from_request: list[str] = Field(
+        default_factory=list, description="Features the training set took from a table that requests carry "
+        "themselves instead (transaction-level values such as the amount).")
+    defaults: dict[str, float | str | bool | None] = Field(
+        default_factory=dict, description="Values served for an unknown entity (unlisted features: null, "
+        "i.e. missing, as in training for an entity without history).")
+    refresh_s: float = Field(30.0, ge=0, description="Seconds between checks for a newer table version "
+                             "(0: never; load once at replica start).")
+
+
 def _check_model(value: str) -> str:
     rest = value.removeprefix("models:/")
     if not re.fullmatch(r"[^@/\s]+(@[A-Za-z0-9_-]+|/\d+)", rest):
@@ -133,6 +172,8 @@ class ServeSpec(_Section):
     logging: Logging = Field(default_factory=Logging, description="Replica logs.")
     prediction_log: PredictionLog = Field(default_factory=PredictionLog, description="The Delta prediction log.")
     canary: Canary | None = Field(None, description="Send a share of the traffic to a challenger model.")
+    features: OnlineFeatures | None = Field(None, description="Online feature lookup (none: requests carry "
+                                            "every feature).")
 
     @field_validator("name")
     @classmethod
@@ -182,8 +223,9 @@ def token_digest(token: str) -> str:
 
 
 def app_args(spec: ServeSpec, settings: Settings, pinned_uri: str, environ: dict[str, str] | None = None,
-             canary_uri: str | None = None) -> dict[str, Any]:
-    """What the application builder receives (JSON only: it travels in the Serve config)."""
+             canary_uri: str | None = None, where: str = "serve spec") -> dict[str, Any]:
+    """What the application builder receives (JSON only: it travels in the Serve config). With online
+    features, the lookup plan is resolved here, once, against the registry and the tables."""
     environ = os.environ if environ is None else environ
     digest = None
     if spec.auth is not None:
@@ -208,7 +250,16 @@ def app_args(spec: ServeSpec, settings: Settings, pinned_uri: str, environ: dict
         "log_max_buffer_rows": log.max_buffer_rows,
         "canary_uri": canary_uri if spec.canary else None,
         "canary_percent": spec.canary.percent if spec.canary else 0.0,
+        "features": _online_plan(spec, settings, pinned_uri, where),
     }
+
+
+def _online_plan(spec: ServeSpec, settings: Settings, pinned_uri: str, where: str) -> dict[str, Any] | None:
+    if spec.features is None:
+        return None
+    from lakeray.serving.online import plan_online_features
+
+    return plan_online_features(settings, spec.features, pinned_uri, where)
 
 
 def compile_app(spec: ServeSpec, settings: Settings, pinned_uri: str, environ: dict[str, str] | None = None,
@@ -237,7 +288,7 @@ def compile_app(spec: ServeSpec, settings: Settings, pinned_uri: str, environ: d
         "logging_config": {"log_level": spec.logging.level, "enable_access_log": spec.logging.access_log},
     }
     raw = {"name": spec.name, "route_prefix": spec.route, "import_path": IMPORT_PATH,
-           "args": app_args(spec, settings, pinned_uri, environ, canary_uri), "deployments": [deployment]}
+           "args": app_args(spec, settings, pinned_uri, environ, canary_uri, where), "deployments": [deployment]}
     try:
         return ServeApplicationSchema.model_validate(raw)
     except ValidationError as exc:
