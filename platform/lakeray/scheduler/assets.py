@@ -1,0 +1,235 @@
+"""The plan as Dagster definitions: one asset per task, one asset job and schedule per schedule.
+
+A feature asset calls lakeray's own runner (``run_feature_job``), so quality gates, lineage and the run
+ledger are the ones ``lakeray features run`` uses; its materialisation records the committed Delta
+version and the input versions. Train and serve assets run ``lakeray train|serve deploy SPEC`` in a
+child process (the same command a user types; Ray stays out of the Dagster run process).
+
+Exactly once per interval: each run request carries the run key ``<schedule>:<interval>`` and the
+tags ``lakeray/schedule`` and ``lakeray/interval``. Dagster refuses a second run for the same key in
+the same tick (a daemon killed mid-tick re-does the tick); the evaluation below also skips every
+interval that already has a run, whichever tick asks, which is what makes catch-up safe to repeat.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import subprocess
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import dagster as dg
+
+from lakeray.scheduler.plan import Plan, Schedule, Task, load_plan
+
+if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
+
+    from lakeray.config import Settings
+
+__all__ = ["build_definitions", "evaluate_tick", "run_key", "SCHEDULE_TAG", "INTERVAL_TAG", "MAX_CATCHUP"]
+
+SCHEDULE_TAG = "lakeray/schedule"
+INTERVAL_TAG = "lakeray/interval"
+MAX_CATCHUP = 100  # intervals one tick may catch up; beyond, the oldest are left to a backfill
+
+
+class Runtime:
+    """What a run needs: the settings and a Spark session, started on first use (train/serve runs never
+    start one) and stopped at the end of the run unless it was handed in."""
+
+    def __init__(self, settings: Settings, spark: SparkSession | None = None):
+        self.settings = settings
+        self._spark = spark
+        self._owned = False
+
+    def spark(self) -> SparkSession:
+        if self._spark is None:
+            from lakeray.lakehouse.spark import create_spark_session
+
+            self._spark = create_spark_session(self.settings)
+            self._owned = True
+        return self._spark
+
+    def close(self) -> None:
+        if self._owned and self._spark is not None:
+            self._spark.stop()
+            self._spark = None
+
+
+def run_key(schedule: Schedule, interval: dt.datetime) -> str:
+    return f"{schedule.name}:{_utc(interval)}"
+
+
+def _utc(when: dt.datetime) -> str:
+    return when.astimezone(dt.timezone.utc).isoformat()
+
+
+def _partition_key(schedule: Schedule, interval: dt.datetime) -> str:
+    """The day an interval's data belongs to: the date (in the schedule's zone) of the previous due time,
+    so a daily 02:00 run processes yesterday and an hourly run today."""
+    from dagster._utils.schedules import reverse_cron_string_iterator
+
+    previous = next(reverse_cron_string_iterator(interval.timestamp() - 1, schedule.cron, schedule.timezone))
+    return previous.date().isoformat()
+
+
+def _intervals(context: dg.ScheduleEvaluationContext, schedule: Schedule) -> list[dt.datetime]:
+    tick = context.scheduled_execution_time
+    if tick is None:  # evaluated by hand (the UI's "test schedule"): the latest due time
+        from dagster._utils.schedules import reverse_cron_string_iterator
+
+        tick = next(reverse_cron_string_iterator(dt.datetime.now(dt.timezone.utc).timestamp(), schedule.cron,
+                                                 schedule.timezone))
+    if schedule.catchup == "latest":
+        return [tick]
+    last = context.instance.get_runs(dg.RunsFilter(tags={SCHEDULE_TAG: schedule.name}), limit=1)
+    if not last or INTERVAL_TAG not in last[0].tags:
+        return [tick]  # the first run: nothing before it was ever due to this schedule
+    from dagster._utils.schedules import cron_string_iterator
+
+    since = dt.datetime.fromisoformat(last[0].tags[INTERVAL_TAG])
+    missed: list[dt.datetime] = []
+    for when in cron_string_iterator(since.timestamp(), schedule.cron, schedule.timezone):
+        if when.timestamp() > tick.timestamp():
+            break
+        if when.timestamp() > since.timestamp():
+            missed.append(when)
+    return missed[-MAX_CATCHUP:] or [tick]
+
+
+def evaluate_tick(context: dg.ScheduleEvaluationContext, plan: Plan, schedule: Schedule) -> list[dg.RunRequest] | dg.SkipReason:
+    """Run requests for the intervals due at this tick that have no run yet (catch-up: all missed ones)."""
+    requests = []
+    timeout, retries = plan.run_timeout(schedule), plan.run_retries(schedule)
+    for interval in _intervals(context, schedule):
+        tags = {SCHEDULE_TAG: schedule.name, INTERVAL_TAG: _utc(interval),
+                # A run whose worker died (daemon or host crash) is re-executed from the failed step;
+                # failures of the job itself are retried per step by the asset's RetryPolicy instead.
+                "dagster/max_retries": str(max(1, retries))}
+        if timeout is not None:
+            tags["dagster/max_runtime"] = str(int(timeout))
+        if context.instance.get_runs(dg.RunsFilter(tags={SCHEDULE_TAG: schedule.name, INTERVAL_TAG: _utc(interval)}),
+                                     limit=1):
+            continue
+        partition = None
+        if schedule.partitioned:
+            partition = _partition_key(schedule, interval)
+            start = min(plan.tasks[t].partitions_start or partition for t in schedule.tasks)
+            if partition < start:
+                continue
+        requests.append(dg.RunRequest(run_key=run_key(schedule, interval), tags=tags, partition_key=partition))
+    return requests or dg.SkipReason("every due interval already has a run")
+
+
+def _retry_policy(task: Task) -> dg.RetryPolicy | None:
+    if task.retries == 0:
+        return None
+    return dg.RetryPolicy(max_retries=task.retries, delay=task.retry_delay_s, backoff=dg.Backoff.EXPONENTIAL)
+
+
+def _partitions(task: Task) -> dg.DailyPartitionsDefinition | None:
+    # end_offset=1: today's partition exists already, so an hourly schedule can refresh it.
+    return None if task.partitions_start is None else dg.DailyPartitionsDefinition(task.partitions_start, end_offset=1)
+
+
+def _feature_asset(task: Task) -> dg.AssetsDefinition:
+    @dg.asset(name=task.name, deps=[dg.AssetKey(d) for d in task.deps], partitions_def=_partitions(task),
+              retry_policy=_retry_policy(task), required_resource_keys={"lakeray"}, group_name="features",
+              kinds={"spark", "delta"}, description=task.description or None,
+              metadata={"owner": task.owner} if task.owner else None)
+    def _materialise(context):  # no annotations: Dagster inspects them, and these are strings here
+        from lakeray.features.runner import run_feature_job
+
+        runtime: Runtime = context.resources.lakeray
+        start = end = None
+        if context.has_partition_key:
+            day = dt.date.fromisoformat(context.partition_key)
+            start, end = day.isoformat(), (day + dt.timedelta(days=1)).isoformat()
+        result = run_feature_job(runtime.spark(), runtime.settings, task.target, start=start, end=end)
+        return dg.MaterializeResult(metadata={
+            "delta_version": result.version,
+            "input_versions": dg.MetadataValue.json(result.input_versions),
+            **{f"input_version/{table}": version for table, version in result.input_versions.items()},
+            "rows": result.rows,
+            "lakeray_run_id": result.run_id,
+            "code_version": result.code_version,
+            "path": result.path,
+            "seconds": round(result.seconds, 3),
+        })
+
+    return _materialise
+
+
+def _lakeray_command() -> list[str]:
+    script = Path(sys.executable).with_name("lakeray")
+    return [str(script)] if script.is_file() else [sys.executable, "-c", "from lakeray.cli.main import main; main()"]
+
+
+def _spec_asset(task: Task) -> dg.AssetsDefinition:
+    @dg.asset(name=task.name, deps=[dg.AssetKey(d) for d in task.deps], retry_policy=_retry_policy(task),
+              required_resource_keys={"lakeray"}, group_name=task.kind, kinds={"ray"},
+              description=task.description)
+    def _run_spec(context):
+        settings = context.resources.lakeray.settings
+        verb = ["train"] if task.kind == "train" else ["serve", "deploy"]
+        config = [] if settings.source.startswith("<") else ["--config", settings.source]
+        command = [*_lakeray_command(), *config, "--profile", settings.profile_name, *verb, task.target]
+        context.log.info("running %s", " ".join(command))
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=task.timeout_s,
+                                  cwd=settings.project_dir)
+        except subprocess.TimeoutExpired:
+            raise dg.Failure(f"{task.name}: `{' '.join(verb)}` ran past timeout_s={task.timeout_s}") from None
+        tail = (done.stdout + done.stderr).strip().splitlines()[-20:]
+        if done.returncode != 0:
+            raise dg.Failure(f"{task.name}: `lakeray {' '.join(verb)}` exited {done.returncode}",
+                             metadata={"output": dg.MetadataValue.text("\n".join(tail))})
+        return dg.MaterializeResult(metadata={"spec": task.target, "output": dg.MetadataValue.text("\n".join(tail))})
+
+    return _run_spec
+
+
+def _schedule_def(plan: Plan, schedule: Schedule) -> dg.ScheduleDefinition:
+    tasks = [plan.tasks[name] for name in schedule.tasks]
+    job = dg.define_asset_job(f"{schedule.name}_job", selection=dg.AssetSelection.assets(*schedule.tasks),
+                              partitions_def=_partitions(tasks[0]) if schedule.partitioned else None)
+
+    @dg.schedule(name=schedule.name, cron_schedule=schedule.cron, execution_timezone=schedule.timezone, job=job,
+                 default_status=dg.DefaultScheduleStatus.RUNNING,
+                 description=f"{', '.join(schedule.tasks)} at '{schedule.cron}' ({schedule.timezone}), "
+                 f"catch-up: {schedule.catchup}")
+    def _evaluate(context):
+        return evaluate_tick(context, plan, schedule)
+
+    return _evaluate
+
+
+def _runtime_resource(settings: Settings) -> dg.ResourceDefinition:
+    @dg.resource(description="lakeray settings and a Spark session started on first use")
+    def _runtime(_: Any):
+        runtime = Runtime(settings)
+        try:
+            yield runtime
+        finally:
+            runtime.close()
+
+    return _runtime
+
+
+def build_definitions(settings: Settings, plan: Plan | None = None, spark: SparkSession | None = None) -> dg.Definitions:
+    """The project's code location: assets, asset jobs, schedules, and the ``lakeray`` resource.
+
+    ``spark``: a session to run feature assets in (tests, notebooks); without one each run starts its
+    own and stops it at the end. Runs execute in one process (``in_process_executor``) so every asset
+    of a run shares that session instead of paying a Spark start-up per asset.
+    """
+    plan = plan or load_plan(settings)
+    assets: list[Any] = [dg.AssetSpec(name, group_name="inputs", kinds={"delta"},
+                                      description="An input table no feature job writes.") for name in plan.external]
+    assets += [_feature_asset(t) if t.kind == "feature" else _spec_asset(t) for t in plan.tasks.values()]
+    resource = dg.ResourceDefinition.hardcoded_resource(Runtime(settings, spark)) if spark is not None \
+        else _runtime_resource(settings)
+    return dg.Definitions(assets=assets, schedules=[_schedule_def(plan, s) for s in plan.schedules],
+                          resources={"lakeray": resource}, executor=dg.in_process_executor)
