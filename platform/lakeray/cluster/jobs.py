@@ -1,0 +1,403 @@
+"""``lakeray jobs``: lakeray commands and scripts as Ray jobs, over the Ray Jobs API (``JobSubmissionClient``).
+
+The cluster is the profile's: ``--address``, else ``RAY_API_SERVER_ADDRESS`` (what ``ray job`` reads),
+else ``ray.dashboard_address``, else the ``lakeray cluster up`` cluster of this storage root. Its
+dashboard is probed with a bounded request before anything else, so a cluster that does not answer is
+one clear error, not a hang. Ray 2.60's token auth: the token (``RAY_AUTH_TOKEN``, the file named by
+``RAY_AUTH_TOKEN_PATH``, or ``~/.ray/auth_token``, where ``ray start`` writes it) goes in the
+``Authorization`` header of every request, so the client does not depend on RAY_AUTH_MODE having been
+set before ``import ray``.
+
+A job runs in the project: the working dir is the project folder without what git ignores, ``.git``, the
+local lakehouse and files over a size limit, checked against Ray's upload cap before the upload. Its
+environment carries the profile, the absolute storage root and the submitter's ``LAKERAY_*`` overrides,
+so the job reads the same config and tables as the command line that submitted it. Jobs submitted with
+``ray job submit`` are ordinary jobs here: ``list``/``status``/``logs``/``stop`` work on them too.
+"""
+
+from __future__ import annotations
+
+import getpass
+import hashlib
+import os
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from lakeray.errors import ClusterError, ConfigError
+
+if TYPE_CHECKING:
+    from lakeray.config import Settings
+
+__all__ = ["JobTarget", "UploadPlan", "Submitted", "TERMINAL", "resolve_target", "plan_upload", "job_metadata",
+           "runtime_env", "entrypoint", "submit", "info", "list_jobs", "logs", "follow", "stop", "wait",
+           "exit_code"]
+
+TERMINAL = frozenset({"SUCCEEDED", "FAILED", "STOPPED"})
+_SPEC_SUFFIXES = (".yaml", ".yml", ".json", ".py", ".toml", ".sql")
+# Never uploaded: version control, virtual envs and caches (a venv alone is GBs).
+_ALWAYS_EXCLUDED = (".git", ".venv", "venv", "__pycache__", ".pytest_cache", ".mypy_cache", ".ruff_cache")
+# Not forwarded: they steer the submitting shell, not the project's configuration.
+_LOCAL_ONLY_ENV = {"LAKERAY_CONFIG", "LAKERAY_DEBUG"}
+_SDK_LOGGERS = ("ray.dashboard.modules.dashboard_sdk", "ray.dashboard.modules.job.sdk",
+                "ray._private.runtime_env.packaging")
+
+
+@dataclass(frozen=True)
+class JobTarget:
+    """The Jobs API of one cluster, as resolved for this command."""
+
+    address: str  # http(s)://host:port of the dashboard
+    source: str  # where the address came from (shown in errors)
+    local_cluster: bool  # a `lakeray cluster up` cluster: the same machine and venv
+    headers: dict[str, str] = field(default_factory=dict, repr=False)
+
+
+@dataclass
+class UploadPlan:
+    """What goes into the job's working dir."""
+
+    root: str
+    excludes: list[str]  # gitwildmatch patterns, relative to root (Ray's runtime_env "excludes")
+    files: int
+    bytes: int
+    large_files: list[tuple[str, int]]  # left out for their size: (path relative to root, bytes)
+
+
+@dataclass
+class Submitted:
+    job_id: str
+    target: JobTarget
+    entrypoint: str
+    metadata: dict[str, str]
+    upload: UploadPlan
+    submit_s: float  # the submit request, upload included
+
+
+def _token() -> str | None:
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return os.environ["RAY_AUTH_TOKEN"].strip()
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.join(os.path.expanduser("~"), ".ray", "auth_token")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return fh.read().strip() or None
+    except OSError:
+        return None
+
+
+def resolve_target(settings: Settings, address: str | None = None, timeout_s: float = 10.0) -> JobTarget:
+    """The cluster to talk to, probed with one bounded request; ClusterError naming the setting otherwise."""
+    local = False
+    if address:
+        source = "--address"
+    elif os.environ.get("RAY_API_SERVER_ADDRESS"):
+        address, source = os.environ["RAY_API_SERVER_ADDRESS"], "RAY_API_SERVER_ADDRESS"
+    elif settings.profile.ray.dashboard_address:
+        address, source = settings.profile.ray.dashboard_address, "ray.dashboard_address"
+    else:
+        from lakeray.cluster.local_cluster import running
+
+        cluster = running(settings)
+        if cluster is None:
+            raise ClusterError(f"no Ray cluster to run jobs on: no `lakeray cluster up` cluster for "
+                               f"{settings.storage_root} and no ray.dashboard_address",
+                               "start one with `lakeray cluster up`, or set ray.dashboard_address "
+                               "(LAKERAY_RAY__DASHBOARD_ADDRESS=http://head:8265) or pass --address")
+        address, source, local = cluster.dashboard_url, "lakeray cluster up", True
+    if "://" not in address:
+        address = f"http://{address}"
+    if not address.startswith(("http://", "https://")):
+        raise ConfigError(f"{source}: {address} is not the Ray dashboard's http(s)://host:port",
+                          "use the dashboard address (default port 8265), not the GCS or ray:// address")
+    token = _token()
+    target = JobTarget(address.rstrip("/"), source, local, {"Authorization": f"Bearer {token}"} if token else {})
+    _probe(target, timeout_s)
+    return target
+
+
+def _probe(target: JobTarget, timeout_s: float) -> None:
+    import httpx
+
+    try:
+        answer = httpx.get(f"{target.address}/api/version", headers=target.headers, timeout=timeout_s)
+    except httpx.HTTPError as exc:
+        raise ClusterError(f"the Ray Jobs API at {target.address} ({target.source}) does not answer within "
+                           f"{timeout_s:g} s: {type(exc).__name__}",
+                           "check that the cluster is up (`lakeray cluster status`) and the address") from None
+    if answer.status_code in (401, 403):
+        raise ClusterError(f"the Ray cluster at {target.address} refused the token ({answer.status_code})",
+                           "set RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) to the cluster's token "
+                           "(`ray get-auth-token` on the head)")
+
+
+@contextmanager
+def _client(target: JobTarget) -> Iterator[Any]:
+    from ray.job_submission import JobSubmissionClient
+
+    if os.environ.get("LAKERAY_DEBUG") != "1":
+        # The SDK logs every upload step and websocket close at INFO on the terminal, between the
+        # command's own lines; lakeray prints what matters (the upload's size, the final state).
+        import logging
+
+        for name in _SDK_LOGGERS:
+            logging.getLogger(name).setLevel(logging.WARNING)
+    # JobSubmissionClient lets RAY_API_SERVER_ADDRESS / RAY_ADDRESS override the address it is given
+    # (inside a Ray job RAY_ADDRESS is the GCS): the resolved target wins, for this constructor only.
+    saved = {k: os.environ.pop(k) for k in ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS") if k in os.environ}
+    try:
+        client = JobSubmissionClient(target.address, headers=dict(target.headers))
+    except (ConnectionError, RuntimeError) as exc:
+        raise ClusterError(f"the Ray Jobs API at {target.address} failed: {exc}",
+                           "check the cluster (`lakeray cluster status`)") from None
+    finally:
+        os.environ.update(saved)
+    yield client
+
+
+def _git(project: str, *args: str) -> str | None:
+    try:
+        done = subprocess.run(["git", "-C", project, *args], capture_output=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout.decode(errors="replace") if done.returncode == 0 else None
+
+
+def _size(path: str) -> int:
+    if os.path.isdir(path):  # a symlinked folder: Ray uploads what it points to
+        return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path, followlinks=True) for f in fs)
+    return os.path.getsize(path)
+
+
+def _candidate_files(project: str, skip_dirs: set[str]) -> tuple[list[str], list[str]]:
+    """Files Ray would upload (relative paths) and folders to exclude explicitly."""
+    listed = _git(project, "ls-files", "-z", "--cached", "--others", "--exclude-standard")
+    if listed is not None:
+        ignored = _git(project, "ls-files", "-z", "--others", "--ignored", "--exclude-standard", "--directory") or ""
+        # Ray reads .gitignore files inside the working dir only: what a parent folder's .gitignore or
+        # git's global excludes hide is excluded here explicitly.
+        files = [p for p in listed.split("\0") if p and os.path.exists(os.path.join(project, p))]
+        return files, [p.rstrip("/") for p in ignored.split("\0") if p]
+    files = []
+    for folder, dirs, names in os.walk(project):
+        rel = os.path.relpath(folder, project)
+        dirs[:] = [d for d in dirs if d not in _ALWAYS_EXCLUDED
+                   and os.path.normpath(os.path.join(rel, d)) not in skip_dirs]
+        files += [os.path.normpath(os.path.join(rel, n)) for n in names]
+    return files, []
+
+
+def plan_upload(settings: Settings, max_file_bytes: int = 10 * 2**20, cap_bytes: int | None = None) -> UploadPlan:
+    """The project's working dir for a job; ConfigError naming the largest files when over Ray's cap."""
+    project = str(settings.project_dir)
+    if cap_bytes is None:
+        from ray._private.runtime_env.packaging import GCS_STORAGE_MAX_SIZE
+
+        cap_bytes = GCS_STORAGE_MAX_SIZE
+    skip_dirs = set()
+    root = settings.storage_root
+    if "://" not in root and os.path.commonpath([root, project]) == project and root != project:
+        skip_dirs.add(os.path.relpath(root, project))  # a local lakehouse inside the project stays home
+    files, ignored_dirs = _candidate_files(project, skip_dirs)
+    excludes = sorted({*_ALWAYS_EXCLUDED, *(f"/{d}" for d in [*skip_dirs, *ignored_dirs])})
+    kept, large, total = 0, [], 0
+    sizes = []
+    for rel in files:
+        parts = rel.split(os.sep)
+        if any(p in _ALWAYS_EXCLUDED for p in parts) or any(rel == d or rel.startswith(d + os.sep) for d in skip_dirs):
+            continue
+        size = _size(os.path.join(project, rel))
+        if size > max_file_bytes:
+            large.append((rel, size))
+            excludes.append(f"/{rel}")
+            continue
+        kept, total = kept + 1, total + size
+        sizes.append((size, rel))
+    if total >= cap_bytes:
+        biggest = ", ".join(f"{rel} ({size / 2**20:.1f} MiB)" for size, rel in sorted(sizes, reverse=True)[:5])
+        raise ConfigError(f"the job's working dir {project} holds {total / 2**20:.1f} MiB in {kept} files, over Ray's "
+                          f"upload cap of {cap_bytes / 2**20:.0f} MiB; largest: {biggest}",
+                          "add them to .gitignore or .rayignore, or lower --max-file-mb to leave them out")
+    return UploadPlan(project, excludes, kept, total, sorted(large, key=lambda item: -item[1]))
+
+
+def _spec_file(settings: Settings, command: list[str]) -> str | None:
+    """The first argument naming a spec or script file; ConfigError when the job could not find it."""
+    project = str(settings.project_dir)
+    for arg in command:
+        if not arg.endswith(_SPEC_SUFFIXES) or arg.startswith("-"):
+            continue
+        path = os.path.abspath(arg)
+        if not os.path.isfile(path):
+            continue
+        inside = os.path.commonpath([path, project]) == project
+        if not inside or not os.path.isfile(os.path.join(project, arg)):
+            raise ConfigError(f"{arg}: a job runs in the project folder {project}, where this path does not "
+                              "point to the file", "run the command from the project folder, with paths inside it")
+        return arg
+    return None
+
+
+def job_metadata(settings: Settings, command: list[str]) -> dict[str, str]:
+    """Who ran what on which code: user, git commit (+ dirty), spec file and its sha256, the command."""
+    project = str(settings.project_dir)
+    commit = (_git(project, "rev-parse", "HEAD") or "").strip()
+    dirty = bool((_git(project, "status", "--porcelain", "--", ".") or "").strip()) if commit else False
+    meta = {"lakeray.user": getpass.getuser(), "lakeray.command": shlex.join(command),
+            "lakeray.profile": settings.profile_name, "lakeray.git_commit": commit,
+            "lakeray.git_dirty": str(dirty).lower(), "lakeray.submitted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                                                           time.gmtime())}
+    spec = _spec_file(settings, command)
+    if spec is not None:
+        with open(os.path.join(project, spec), "rb") as fh:
+            meta["lakeray.spec"] = spec
+            meta["lakeray.spec_sha256"] = hashlib.sha256(fh.read()).hexdigest()
+    return meta
+
+
+def entrypoint(command: list[str]) -> str:
+    """The shell command Ray runs: the command as given; a lone script path runs with python."""
+    if not command:
+        raise ConfigError("no command to submit", "pass one after --: lakeray jobs submit -- lakeray features run X")
+    if command[0].endswith(".py") and os.path.isfile(command[0]):
+        command = ["python", *command]
+    return shlex.join(command)
+
+
+def runtime_env(settings: Settings, target: JobTarget, upload: UploadPlan, pip: bool = False) -> dict[str, Any]:
+    """Working dir + the environment that makes the job see the submitter's config and lakehouse."""
+    env = {k: v for k, v in os.environ.items() if k.startswith("LAKERAY_") and k not in _LOCAL_ONLY_ENV}
+    env.update({"LAKERAY_PROFILE": settings.profile_name, "LAKERAY_STORAGE__ROOT": settings.storage_root,
+                # The job's driver joins the cluster it runs on (Ray sets RAY_ADDRESS for it), whatever
+                # address the profile gives clients outside the cluster.
+                "LAKERAY_RAY__ADDRESS": "auto"})
+    source = settings.source
+    if os.path.isfile(source) and os.path.commonpath([os.path.abspath(source), upload.root]) == upload.root:
+        env["LAKERAY_CONFIG"] = os.path.relpath(source, upload.root)
+    if target.local_cluster:
+        # Same machine, same venv: its bin/ first, so `lakeray` and `python` are this install's even
+        # when the cluster was started without the venv activated. Ray expands ${PATH}.
+        env["PATH"] = os.path.dirname(sys.executable) + ":${PATH}"
+    renv: dict[str, Any] = {"working_dir": upload.root, "excludes": upload.excludes, "env_vars": env}
+    if pip:
+        lock = os.path.join(upload.root, "requirements.lock")
+        if not os.path.isfile(lock):
+            raise ConfigError(f"--pip: no requirements.lock in {upload.root}", "add the lock, or drop --pip when the "
+                              "cluster's nodes already have the packages (the lakeray node image does)")
+        renv["pip"] = lock
+    return renv
+
+
+def submit(settings: Settings, command: list[str], *, address: str | None = None, submission_id: str | None = None,
+           pip: bool = False, max_file_mb: float = 10.0) -> Submitted:
+    """Upload the project and start ``command`` as a Ray job; returns at once (see :func:`wait`)."""
+    point = entrypoint(command)
+    metadata = job_metadata(settings, command)
+    target = resolve_target(settings, address)
+    upload = plan_upload(settings, int(max_file_mb * 2**20))
+    renv = runtime_env(settings, target, upload, pip)
+    started = time.perf_counter()
+    with _client(target) as client:
+        try:
+            job_id = client.submit_job(entrypoint=point, runtime_env=renv, metadata=metadata,
+                                       submission_id=submission_id)
+        except RuntimeError as exc:
+            raise ClusterError(f"the cluster at {target.address} refused the job: {exc}",
+                               "a --id must be new on the cluster; see `lakeray jobs list`") from None
+    return Submitted(job_id, target, point, metadata, upload, time.perf_counter() - started)
+
+
+def _details(job: Any) -> dict[str, Any]:
+    data = {k: getattr(job, k, None) for k in ("submission_id", "job_id", "type", "status", "entrypoint", "message",
+                                               "start_time", "end_time", "driver_exit_code", "metadata")}
+    for key in ("status", "type"):  # enums → their names, for JSON and comparisons
+        data[key] = str(getattr(data[key], "value", data[key])) if data[key] is not None else None
+    return data
+
+
+def info(settings: Settings, job_id: str, address: str | None = None,
+         target: JobTarget | None = None) -> dict[str, Any]:
+    """The job's state and metadata; ClusterError for an id the cluster does not know."""
+    target = target or resolve_target(settings, address)
+    with _client(target) as client:
+        try:
+            return _details(client.get_job_info(job_id))
+        except RuntimeError as exc:
+            if "404" in str(exc) or "does not exist" in str(exc):
+                raise ClusterError(f"no job {job_id!r} on the cluster at {target.address}",
+                                   "`lakeray jobs list` shows its jobs") from None
+            raise ClusterError(f"the Ray Jobs API at {target.address} failed: {exc}", None) from None
+
+
+def list_jobs(settings: Settings, address: str | None = None) -> list[dict[str, Any]]:
+    """Every job the cluster knows (whoever submitted it), oldest first."""
+    target = resolve_target(settings, address)
+    with _client(target) as client:
+        jobs = [_details(job) for job in client.list_jobs()]
+    return sorted(jobs, key=lambda job: job.get("start_time") or 0)
+
+
+def logs(settings: Settings, job_id: str, address: str | None = None) -> str:
+    target = resolve_target(settings, address)
+    info(settings, job_id, target=target)  # an unknown id is an error, not an empty log
+    with _client(target) as client:
+        return client.get_job_logs(job_id)
+
+
+def follow(settings: Settings, job_id: str, write: Callable[[str], None], address: str | None = None,
+           target: JobTarget | None = None) -> dict[str, Any]:
+    """Stream the job's logs (``tail_job_logs``) to ``write`` until it ends; its final state."""
+    import asyncio
+
+    target = target or resolve_target(settings, address)
+    info(settings, job_id, target=target)
+
+    async def tail() -> None:
+        with _client(target) as client:
+            async for chunk in client.tail_job_logs(job_id):
+                write(chunk)
+
+    asyncio.run(tail())
+    # The stream closes when the job ends; its state may trail the last line by a poll.
+    return wait(settings, job_id, timeout_s=30, target=target)
+
+
+def wait(settings: Settings, job_id: str, timeout_s: float | None = None, address: str | None = None,
+         target: JobTarget | None = None, poll_s: float = 0.5) -> dict[str, Any]:
+    """Poll until the job is SUCCEEDED, FAILED or STOPPED; ClusterError after ``timeout_s``."""
+    target = target or resolve_target(settings, address)
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    while True:
+        state = info(settings, job_id, target=target)
+        if state["status"] in TERMINAL:
+            return state
+        if deadline is not None and time.monotonic() > deadline:
+            raise ClusterError(f"job {job_id} is still {state['status']} after {timeout_s:g} s",
+                               f"`lakeray jobs status {job_id}`; `lakeray jobs stop {job_id}` ends it")
+        time.sleep(poll_s)
+
+
+def stop(settings: Settings, job_id: str, timeout_s: float = 60.0, address: str | None = None) -> dict[str, Any]:
+    """Stop the job (SIGTERM to its driver and the driver's processes, SIGKILL after Ray's grace period;
+    Ray then ends the job's tasks and actors) and wait, bounded, until Ray reports it ended."""
+    target = resolve_target(settings, address)
+    state = info(settings, job_id, target=target)
+    if state["status"] in TERMINAL:
+        return state
+    with _client(target) as client:
+        client.stop_job(job_id)
+    return wait(settings, job_id, timeout_s=timeout_s, target=target)
+
+
+def exit_code(state: dict[str, Any]) -> int:
+    """The job's exit status: 0 SUCCEEDED; FAILED: the driver's exit code (1 if unknown); STOPPED: 143."""
+    if state["status"] == "SUCCEEDED":
+        return 0
+    if state["status"] == "STOPPED":
+        return 143  # 128 + SIGTERM, what Ray sends the driver
+    code = state.get("driver_exit_code")
+    return code if isinstance(code, int) and 0 < code < 256 else 1
