@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-HEAVY = ["pyspark", "ray", "torch", "mlflow", "xgboost", "pandas"]
+HEAVY = ["pyspark", "ray", "torch", "mlflow", "xgboost", "pandas", "dagster"]
 
 
 def test_platform_folder_is_not_a_package():
