@@ -65,6 +65,11 @@ def test_auth_puts_only_the_tokens_digest_in_the_config(settings):
     ({"name": "has space"}, "name: 'has space'"),
     ({"auth": {"token_env": "not a name"}}, "auth.token_env: 'not a name' is not an environment variable name"),
     ({"auth": {"token": "abc"}}, "auth.token: unknown key"),
+    ({"features": {"refresh": 5}}, "features.refresh: unknown key"),
+    ({"features": {"refresh_s": -1}}, "features.refresh_s: Input should be greater than or equal to 0"),
+    ({"features": {"tables": [{"table": "t", "entity_keys": ["a"], "request_keys": {"b": "x"}}]}},
+     "features.tables.0: request_keys maps ['b'] but entity_keys are ['a']"),
+    ({"features": {"tables": [{"table": "t", "entity_keys": []}]}}, "features.tables.0.entity_keys"),
 ])
 def test_bad_specs_name_the_file_and_field(changes, message):
     with pytest.raises(ConfigError) as err:
@@ -192,3 +197,51 @@ def test_a_canary_is_pinned_in_the_args_and_checked(settings):
             _spec(canary={"model": "m@challenger", "percent": percent})
     with pytest.raises(ConfigError, match="canary.model: 'm': write name@alias"):
         _spec(canary={"model": "m", "percent": 5})
+
+
+def test_online_store_serves_the_newest_row_defaults_and_refreshes(tmp_path):
+    """The replica's in-memory store, without a cluster: newest row per (composite) entity, encoded as
+    in training; unknown and too-old entities get the defaults row and a flag; a new version is swapped in."""
+    import time
+
+    import numpy as np
+    import pandas as pd
+    from deltalake import write_deltalake
+
+    from lakeray.serving.model import ServedModel
+    from lakeray.serving.online import OnlinePlan, OnlineStore
+
+    uri = str(tmp_path / "customers")
+    now = pd.Timestamp.now(tz="UTC")
+    write_deltalake(uri, pd.DataFrame({
+        "region": ["eu", "eu", "eu", "us"], "customer_id": [1, 1, 2, 1],
+        "ts": [now - pd.Timedelta("1h"), now, now, now - pd.Timedelta("10d")],
+        "spend": [1.0, 2.0, None, 7.0], "seg": ["a", "b", "zz", "a"]}))
+    model = ServedModel("m", 1, "xgboost", ["spend", "seg", "amount"], {"seg": ["a", "b"]}, None)
+    plan = OnlinePlan.model_validate({"refresh_s": 0.2, "tables": [{
+        "table": "customers", "uri": uri, "entity_keys": ["region", "customer_id"], "request_keys": ["region", "cid"],
+        "key_types": ["str", "int"], "features": {"spend": "spend", "seg": "seg"}, "event_time": "ts",
+        "max_age_s": 86_400, "defaults": {"spend": -1.0, "seg": "a"}}]})
+    store = OnlineStore(plan, model, keep_raw=True)
+    try:
+        rows = [{"region": "eu", "cid": 1, "amount": 3.0}, {"region": "eu", "cid": 2, "amount": 1.0},
+                {"region": "us", "cid": 1, "amount": 1.0}, {"region": "eu", "cid": 9, "amount": 1.0}]
+        found = store.lookup(rows)
+        assert found.versions == {"customers": 0}
+        assert found.unknown == [[], [], ["customers"], ["customers"]]  # us/1 is 10 days old: over max_age_s
+        x = model.matrix(rows, found.features)
+        np.testing.assert_array_equal(x[0], [2.0, 1.0, 3.0])  # newest eu/1 row: spend 2, seg b (code 1)
+        assert np.isnan(x[1][0]) and np.isnan(x[1][1])  # null spend and an unseen category: missing
+        np.testing.assert_array_equal(x[3], [-1.0, 0.0, 1.0])  # the defaults, encoded
+        assert found.raw[0] == {"spend": 2.0, "seg": "b"} and found.raw[3] == {"spend": -1.0, "seg": "a"}
+        write_deltalake(uri, pd.DataFrame({"region": ["eu"], "customer_id": [9], "ts": [now], "spend": [9.0],
+                                           "seg": ["b"]}), mode="append")
+        deadline = time.monotonic() + 20
+        while store.versions() != {"customers": 1} and time.monotonic() < deadline:
+            time.sleep(0.05)
+        again = store.lookup(rows[3:])
+        assert again.versions == {"customers": 1} and again.unknown == [[]]
+        assert again.features["spend"].tolist() == [9.0]
+        assert store.stats()["tables"][0]["entities"] == 4 and store.stats()["refreshes"] == 1
+    finally:
+        store.close()
