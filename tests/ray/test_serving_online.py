@@ -109,7 +109,9 @@ def test_request_schema_is_entity_keys_plus_request_fields(endpoint, trained):
     assert sorted(instance["properties"]) == ["account_id", "amount"]
     assert instance["properties"]["account_id"]["type"] == "integer"
     assert set(instance["required"]) == {"account_id", "amount"} and instance["additionalProperties"] is False
-    health = httpx.get(f"{endpoint.url}/healthz", timeout=10).json()["online_features"]
+    healthz = httpx.get(f"{endpoint.url}/healthz", timeout=10).json()
+    assert sorted(healthz["request_fields"]) == ["account_id", "amount"]
+    health = healthz["online_features"]
     assert health["tables"][0]["table"] == TABLE and health["tables"][0]["entities"] == ACCOUNTS
     assert sorted(health["tables"][0]["features"]) == ["balance", "segment", "txn_count"]
     # A looked-up feature in the request is refused, naming it: the table is the one source of truth.

@@ -304,6 +304,7 @@ class ModelServer:
             canary = server.canary
             return {"status": "ok", "app": server.args.app, "model": model.name, "model_version": model.version,
                     "kind": model.kind, "features": model.features,
+                    "request_fields": [f.alias for f in instance.model_fields.values()],
                     "canary": {"model": canary.name, "model_version": canary.version,
                                "percent": server.args.canary_percent} if canary is not None else None,
                     "batch_sizes": {str(k): v for k, v in sorted(server.batch_sizes.items())},

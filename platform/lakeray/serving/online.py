@@ -314,6 +314,7 @@ class OnlineStore:
         from lakeray.lakehouse.delta import latest_version
 
         while not self._stop.wait(self.plan.refresh_s):
+            errors = []
             for i, table in enumerate(self.plan.tables):
                 if table.version is not None:
                     continue
@@ -322,9 +323,9 @@ class OnlineStore:
                     if latest > self._snapshots[i].version:
                         self._snapshots[i] = self._load(table, latest)  # one assignment: batches see old or new
                         self.refreshes += 1
-                    self.last_error = None
                 except Exception as exc:  # noqa: BLE001 - keep serving the loaded version; report why
-                    self.last_error = f"{table.table}: {str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__}"
+                    errors.append(f"{table.table}: {(str(exc).splitlines() or [type(exc).__name__])[0][:300]}")
+            self.last_error = "; ".join(errors) or None
 
     def _load(self, table: OnlineTablePlan, version: int | None) -> _Snapshot:
         import numpy as np
