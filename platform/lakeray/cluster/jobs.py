@@ -45,7 +45,7 @@ _ALWAYS_EXCLUDED = (".git", ".venv", "venv", "__pycache__", ".pytest_cache", ".m
 # Not forwarded: they steer the submitting shell, not the project's configuration.
 _LOCAL_ONLY_ENV = {"LAKERAY_CONFIG", "LAKERAY_DEBUG"}
 _SDK_LOGGERS = ("ray.dashboard.modules.dashboard_sdk", "ray.dashboard.modules.job.sdk",
-                "ray._private.runtime_env.packaging")
+                "ray._private.runtime_env.packaging", "ray._private.runtime_env.working_dir")
 
 
 @dataclass(frozen=True)
@@ -79,10 +79,14 @@ class Submitted:
     submit_s: float  # the submit request, upload included
 
 
-def _token() -> str | None:
+def _token(cluster_token_file: str | None = None) -> str | None:
+    """Ray's own order (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token), with the token a
+    `lakeray cluster up` head shared under the storage root before the per-user file."""
     if os.environ.get("RAY_AUTH_TOKEN"):
         return os.environ["RAY_AUTH_TOKEN"].strip()
-    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.join(os.path.expanduser("~"), ".ray", "auth_token")
+    path = (os.environ.get("RAY_AUTH_TOKEN_PATH")
+            or (cluster_token_file if cluster_token_file and os.path.isfile(cluster_token_file) else None)
+            or os.path.join(os.path.expanduser("~"), ".ray", "auth_token"))
     try:
         with open(path, encoding="utf-8") as fh:
             return fh.read().strip() or None
@@ -92,7 +96,7 @@ def _token() -> str | None:
 
 def resolve_target(settings: Settings, address: str | None = None, timeout_s: float = 10.0) -> JobTarget:
     """The cluster to talk to, probed with one bounded request; ClusterError naming the setting otherwise."""
-    local = False
+    local, token_file = False, None
     if address:
         source = "--address"
     elif os.environ.get("RAY_API_SERVER_ADDRESS"):
@@ -109,12 +113,13 @@ def resolve_target(settings: Settings, address: str | None = None, timeout_s: fl
                                "start one with `lakeray cluster up`, or set ray.dashboard_address "
                                "(LAKERAY_RAY__DASHBOARD_ADDRESS=http://head:8265) or pass --address")
         address, source, local = cluster.dashboard_url, "lakeray cluster up", True
+        token_file = getattr(cluster, "token_file", None)
     if "://" not in address:
         address = f"http://{address}"
     if not address.startswith(("http://", "https://")):
         raise ConfigError(f"{source}: {address} is not the Ray dashboard's http(s)://host:port",
                           "use the dashboard address (default port 8265), not the GCS or ray:// address")
-    token = _token()
+    token = _token(token_file)
     target = JobTarget(address.rstrip("/"), source, local, {"Authorization": f"Bearer {token}"} if token else {})
     _probe(target, timeout_s)
     return target
@@ -145,7 +150,8 @@ def _client(target: JobTarget) -> Iterator[Any]:
         import logging
 
         for name in _SDK_LOGGERS:
-            logging.getLogger(name).setLevel(logging.WARNING)
+            # ERROR: its one WARNING says that .git is not uploaded, which lakeray excludes anyway.
+            logging.getLogger(name).setLevel(logging.ERROR if name.endswith("working_dir") else logging.WARNING)
     # JobSubmissionClient lets RAY_API_SERVER_ADDRESS / RAY_ADDRESS override the address it is given
     # (inside a Ray job RAY_ADDRESS is the GCS): the resolved target wins, for this constructor only.
     saved = {k: os.environ.pop(k) for k in ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS") if k in os.environ}
@@ -293,7 +299,7 @@ def runtime_env(settings: Settings, target: JobTarget, upload: UploadPlan, pip: 
 
 
 def submit(settings: Settings, command: list[str], *, address: str | None = None, submission_id: str | None = None,
-           pip: bool = False, max_file_mb: float = 10.0) -> Submitted:
+           pip: bool = False, max_file_mb: float = 10.0, agent_wait_s: float = 60.0) -> Submitted:
     """Upload the project and start ``command`` as a Ray job; returns at once (see :func:`wait`)."""
     point = entrypoint(command)
     metadata = job_metadata(settings, command)
@@ -301,13 +307,28 @@ def submit(settings: Settings, command: list[str], *, address: str | None = None
     upload = plan_upload(settings, int(max_file_mb * 2**20))
     renv = runtime_env(settings, target, upload, pip)
     started = time.perf_counter()
+    deadline = time.monotonic() + agent_wait_s
     with _client(target) as client:
-        try:
-            job_id = client.submit_job(entrypoint=point, runtime_env=renv, metadata=metadata,
-                                       submission_id=submission_id)
-        except RuntimeError as exc:
-            raise ClusterError(f"the cluster at {target.address} refused the job: {exc}",
-                               "a --id must be new on the cluster; see `lakeray jobs list`") from None
+        while True:
+            try:
+                job_id = client.submit_job(entrypoint=point, runtime_env=renv, metadata=metadata,
+                                           submission_id=submission_id)
+                break
+            except RuntimeError as exc:
+                # A head that has just started answers before its job agent registers (seconds on a
+                # loaded machine): `cluster up` then `jobs submit` must not fail on that.
+                if "No available agent" in str(exc) and time.monotonic() < deadline:
+                    time.sleep(1.0)
+                    continue
+                if "No available agent" in str(exc):
+                    raise ClusterError(f"the cluster at {target.address} has no job agent after {agent_wait_s:g} s",
+                                       "the head's dashboard agent did not start: see dashboard_agent.log in its "
+                                       "session logs (a port it needs, 52365 by default, may be taken by another "
+                                       "Ray on the machine)") from None
+                taken = "already exists" in str(exc)
+                raise ClusterError(f"the cluster at {target.address} refused the job: {exc}",
+                                   "a --id must be new on the cluster; see `lakeray jobs list`" if taken else
+                                   "check the cluster (`lakeray cluster status`) and its dashboard logs") from None
     return Submitted(job_id, target, point, metadata, upload, time.perf_counter() - started)
 
 
