@@ -73,10 +73,10 @@ def test_definitions_load_with_deps_partitions_retries_and_schedules(tmp_path):
     parents = {k.to_user_string(): sorted(p.to_user_string() for p in graph.get(k).parent_keys)
                for k in graph.get_all_asset_keys()}
     assert parents == {"p_events": [], "p_clean": ["p_events"], "p_totals": ["p_clean"], "p_daily": ["p_events"]}
-    daily = defs.get_assets_def("p_daily")
+    daily = defs.resolve_assets_def("p_daily")
     assert isinstance(daily.partitions_def, dg.DailyPartitionsDefinition)
     assert daily.partitions_def.start.date() == dt.date(2026, 3, 1)
-    policy = defs.get_assets_def("p_clean").op.retry_policy
+    policy = defs.resolve_assets_def("p_clean").op.retry_policy
     assert policy.max_retries == 2 and policy.backoff == dg.Backoff.EXPONENTIAL
     assert {s.name: (s.cron_schedule, s.execution_timezone) for s in defs.schedules} == {
         "p_clean_schedule": ("*/5 * * * *", "UTC"), "p_daily_schedule": ("0 2 * * *", "Europe/Berlin")}

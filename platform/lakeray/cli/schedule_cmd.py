@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import sys
 
 import click
 
@@ -143,4 +144,4 @@ def status_cmd(ctx: click.Context, as_json: bool) -> None:
     else:
         click.echo("not running")
     if not info["running"]:
-        raise click.exceptions.Exit(1)
+        sys.exit(1)

@@ -1,0 +1,205 @@
+"""Feature jobs scheduled on Dagster: scheduled runs through Dagster's execution with the real Spark
+runner (Delta version and input versions as materialisation metadata), one run per interval (run keys,
+catch-up after downtime), partitions, retries, and the project's daemon + webserver started and stopped."""
+
+import datetime as dt
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from lakeray.config import load_settings
+from lakeray.features.runner import read_ledger
+from lakeray.lakehouse.delta import read_table, table_version, write_table
+
+pytestmark = pytest.mark.spark
+
+UTC = dt.timezone.utc
+
+JOBS = '''
+from pathlib import Path
+from pyspark.sql import functions as F
+from lakeray.features import feature_job
+
+@feature_job(name="sc_clean", inputs=["sc_events"], entity_keys=["user_id", "event_time"],
+             schedule="*/5 * * * *", catchup="all", retries=1)
+def sc_clean(sc_events):
+    return sc_events.where(F.col("amount") >= 0)
+
+@feature_job(name="sc_totals", inputs=["sc_clean"], entity_keys=["user_id"])
+def sc_totals(sc_clean):
+    return sc_clean.groupBy("user_id").agg(F.sum("amount").alias("total"))
+
+@feature_job(name="sc_daily", inputs=["sc_events"], entity_keys=["user_id"], write_mode="partitions",
+             partition_by=["day"], partitions_start="2026-03-01", schedule="0 2 * * *", timezone="Europe/Berlin")
+def sc_daily(sc_events, start=None, end=None):
+    df = sc_events.withColumn("day", F.to_date("event_time"))
+    df = df.where((F.col("day") >= start) & (F.col("day") < end))
+    return df.groupBy("user_id", "day").agg(F.sum("amount").alias("amount"))
+
+@feature_job(name="sc_flaky", inputs=["sc_events"], retries=1, retry_delay_s=0)
+def sc_flaky(sc_events):
+    marker = Path(__file__).with_name("flaky.marker")
+    if not marker.exists():  # the first attempt fails, as a lost executor would
+        marker.write_text("failed once")
+        raise RuntimeError("transient failure")
+    return sc_events.select("user_id").distinct()
+'''
+
+
+def write_project(folder: Path, jobs: str) -> Path:
+    (folder / "jobs" / "features").mkdir(parents=True)
+    (folder / "jobs" / "features" / "sc_jobs.py").write_text(textwrap.dedent(jobs))
+    (folder / "lakeray.yaml").write_text(textwrap.dedent("""\
+        profiles:
+          local:
+            spark: {master: "local[2]", driver_memory: 1g, shuffle_partitions: 2}
+            storage: {root: lakehouse}
+        """))
+    return folder / "lakeray.yaml"
+
+
+@pytest.fixture(scope="module")
+def project(spark, tmp_path_factory):
+    settings = load_settings(write_project(tmp_path_factory.mktemp("sched"), JOBS), "local", environ={})
+    rows = [(u, f"2026-03-0{d} 1{u}:00:00", float(d * 10 + u) * (-1 if u == 2 and d == 1 else 1))
+            for d in range(1, 4) for u in range(3)]
+    events = spark.createDataFrame(rows, "user_id long, event_time string, amount double").selectExpr(
+        "user_id", "cast(event_time as timestamp) as event_time", "amount")
+    write_table(events, settings.table_path("sc_events"))
+    return settings
+
+
+@pytest.fixture(scope="module")
+def dagster_env(project, spark, tmp_path_factory):
+    import dagster as dg
+
+    from lakeray.scheduler.assets import build_definitions
+
+    with dg.instance_for_test(temp_dir=str(tmp_path_factory.mktemp("dagster_home"))) as instance:
+        yield build_definitions(project, spark=spark), instance
+
+
+def tick(defs, instance, name, when):
+    import dagster as dg
+
+    repository = defs.get_repository_def()
+    context = dg.build_schedule_context(instance=instance, scheduled_execution_time=when, repository_def=repository)
+    return repository.get_schedule_def(name).evaluate_tick(context)
+
+
+def test_scheduled_run_commits_each_job_once_and_records_delta_versions(spark, project, dagster_env):
+    import dagster as dg
+
+    defs, instance = dagster_env
+    due = dt.datetime(2026, 11, 28, 10, 5, tzinfo=UTC)
+    requests = tick(defs, instance, "sc_clean_schedule", due).run_requests
+    assert [r.run_key for r in requests] == ["sc_clean_schedule:2026-11-28T10:05:00+00:00"]
+    assert requests[0].tags["lakeray/interval"] == "2026-11-28T10:05:00+00:00"
+    result = defs.resolve_job_def("sc_clean_schedule_job").execute_in_process(instance=instance, tags=requests[0].tags)
+    assert result.success
+    # Dependency order within the run: sc_totals (input sc_clean, no schedule of its own) ran after sc_clean.
+    steps = [e.step_key for e in result.all_events if e.event_type_value == "STEP_SUCCESS"]
+    assert steps == ["sc_clean", "sc_totals"]
+    versions = {t: table_version(spark, project.table_path(t)) for t in ("sc_events", "sc_clean", "sc_totals")}
+    clean = instance.get_latest_materialization_event(dg.AssetKey("sc_clean")).asset_materialization.metadata
+    totals = instance.get_latest_materialization_event(dg.AssetKey("sc_totals")).asset_materialization.metadata
+    assert clean["delta_version"].value == versions["sc_clean"]
+    assert clean["input_versions"].value == {"sc_events": versions["sc_events"]}
+    assert totals["delta_version"].value == versions["sc_totals"]
+    assert totals["input_version/sc_clean"].value == versions["sc_clean"]
+    assert read_table(spark, project.table_path("sc_clean")).count() == 8  # the negative amount was dropped
+    ledger = read_ledger(project)  # lakeray's own runner ran: one ledger entry per job, with the same run id
+    assert [(e["table"], e["status"]) for e in ledger if e["table"] in ("sc_clean", "sc_totals")] == [
+        ("sc_clean", "committed"), ("sc_totals", "committed")]
+    assert clean["lakeray_run_id"].value == next(e["run_id"] for e in ledger if e["table"] == "sc_clean")
+
+    # The same tick evaluated again (a daemon restarted mid-tick): no second run for that interval.
+    again = tick(defs, instance, "sc_clean_schedule", due)
+    assert again.run_requests == [] and "already has a run" in again.skip_message
+    # The daemon was down for three intervals: catch-up "all" asks for each missed one, once, in order.
+    later = due + dt.timedelta(minutes=15)
+    keys = [r.run_key for r in tick(defs, instance, "sc_clean_schedule", later).run_requests]
+    assert keys == [f"sc_clean_schedule:2026-11-28T10:{m}:00+00:00" for m in (10, 15, 20)]
+    assert [r.run_key for r in tick(defs, instance, "sc_clean_schedule", later).run_requests] == keys
+
+
+def test_partitioned_schedule_runs_the_interval_day_and_latest_policy_skips_missed(spark, project, dagster_env):
+    import dagster as dg
+
+    defs, instance = dagster_env
+    # 02:00 in Berlin on 3 March: the run processes the day before (the previous due time's date).
+    due = dt.datetime(2026, 3, 3, 2, 0, tzinfo=dt.timezone(dt.timedelta(hours=1)))
+    (request,) = tick(defs, instance, "sc_daily_schedule", due).run_requests
+    assert request.partition_key == "2026-03-02" and request.run_key == "sc_daily_schedule:2026-03-03T01:00:00+00:00"
+    result = defs.resolve_job_def("sc_daily_schedule_job").execute_in_process(
+        instance=instance, tags=request.tags, partition_key=request.partition_key)
+    assert result.success
+    event = instance.get_latest_materialization_event(dg.AssetKey("sc_daily"))
+    assert event.dagster_event.partition == "2026-03-02"
+    assert event.asset_materialization.metadata["delta_version"].value == table_version(spark, project.table_path("sc_daily"))
+    days = {r["day"].isoformat() for r in read_table(spark, project.table_path("sc_daily")).select("day").collect()}
+    assert days == {"2026-03-02"}
+    # catchup "latest" (the default): after two missed days only the latest interval runs.
+    later = due + dt.timedelta(days=3)
+    assert [r.partition_key for r in tick(defs, instance, "sc_daily_schedule", later).run_requests] == ["2026-03-05"]
+
+
+def test_retry_policy_reruns_a_failed_job_through_the_runner(project, dagster_env):
+    import dagster as dg
+
+    defs, instance = dagster_env  # the asset comes with the definitions' resource (the session Spark)
+    result = dg.materialize([defs.resolve_assets_def("sc_flaky")], instance=instance)
+    assert result.success
+    assert [e["status"] for e in read_ledger(project, "sc_flaky")] == ["failed", "committed"]
+
+
+def _get(url: str, body: dict | None = None) -> dict | int:
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read()) if body is not None else response.status
+
+
+def test_scheduler_start_status_stop(tmp_path):
+    # Far-apart schedules, so the daemon has nothing to launch while the test looks at it.
+    config = write_project(tmp_path, JOBS.replace('"*/5 * * * *"', '"0 0 1 1 *"').replace('"0 2 * * *"', '"0 0 1 1 *"'))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LAKERAY_")}
+
+    def lakeray(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", "from lakeray.cli.main import main; main()", *args],
+                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
+
+    started = lakeray("scheduler", "start")
+    try:
+        assert started.returncode == 0, started.stderr
+        info = json.loads(lakeray("scheduler", "status", "--json").stdout)
+        assert info["running"] and info["ui_answers"] and info["url"].startswith("http://127.0.0.1:")
+        assert info["dagster_home"] == str(tmp_path / "lakehouse" / "_dagster")
+        assert _get(info["url"] + "/server_info") == 200
+        query = "{ assetNodes { assetKey { path } dependencyKeys { path } } }"
+        nodes = _get(info["url"] + "/graphql", {"query": query})["data"]["assetNodes"]
+        graph = {n["assetKey"]["path"][0]: sorted(d["path"][0] for d in n["dependencyKeys"]) for n in nodes}
+        assert graph == {"sc_events": [], "sc_clean": ["sc_events"], "sc_totals": ["sc_clean"],
+                         "sc_daily": ["sc_events"], "sc_flaky": ["sc_events"]}
+        # The daemon is up: its scheduler heartbeats into the project's SQLite storage.
+        health = "{ instance { daemonHealth { daemonStatus(daemonType: \"SCHEDULER\") { healthy } } } }"
+        deadline = time.monotonic() + 90
+        while not _get(info["url"] + "/graphql", {"query": health})["data"]["instance"]["daemonHealth"][
+                "daemonStatus"]["healthy"]:
+            assert time.monotonic() < deadline, "the daemon's scheduler never reported healthy"
+            time.sleep(2)
+        again = lakeray("scheduler", "start")
+        assert again.returncode == 1 and "already runs for this project" in again.stderr
+    finally:
+        stopped = lakeray("scheduler", "stop")
+    assert stopped.returncode == 0 and f"{info['daemon_pid']}" in stopped.stdout
+    for pid in (info["daemon_pid"], info["webserver_pid"]):
+        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split(")")[1][:3]
+    assert lakeray("scheduler", "status").returncode == 1
