@@ -17,7 +17,7 @@ LAKERAY = str(Path(sys.executable).parent / "lakeray")
 EXAMPLE_FILES = ["README.md", "lakeray.yaml", "jobs/training_set.yaml", "jobs/features/customer_aggregates.py",
                  "jobs/training/fraud_xgboost.yaml", "jobs/training/fraud_torch.yaml",
                  "jobs/training/fraud_sequence.yaml", "jobs/training/sequence_model.py",
-                 "jobs/training/fraud_tune.yaml", "jobs/serving/fraud.yaml"]
+                 "jobs/training/fraud_tune.yaml", "jobs/serving/fraud.yaml", "jobs/schedules.yaml"]
 
 
 def init(*args, cwd=None):

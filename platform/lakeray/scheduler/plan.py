@@ -175,13 +175,13 @@ def load_plan(settings: Settings) -> Plan:
             raise
         jobs = {}  # a project without feature folder can still schedule specs
     tasks: dict[str, Task] = {}
-    declared: dict[str, tuple[str, str, str, str]] = {}  # task → (cron, tz, catchup, where)
+    declared: dict[str, tuple[str, str, str, str, str]] = {}  # task → (cron, tz, catchup, where, schedule name)
     for job in jobs.values():
         tasks[job.name] = Task(job.name, "feature", job.name, tuple(job.inputs), job.retries, job.retry_delay_s,
                                job.timeout_s, job.partitions_start if job.write_mode == "partitions" else None,
                                job.description, job.owner)
         if job.schedule is not None:
-            declared[job.name] = (job.schedule, job.timezone, job.catchup, job.source)
+            declared[job.name] = (job.schedule, job.timezone, job.catchup, job.source, f"{job.name}_schedule")
     for entry in _read_entries(settings):
         where = f"{SCHEDULES_FILE}: {entry.name}"
         extra = dict(retries=entry.retries, retry_delay_s=entry.retry_delay_s, timeout_s=entry.timeout_s)
@@ -196,7 +196,7 @@ def load_plan(settings: Settings) -> Plan:
             tasks[task.name] = Task(task.name, "feature", task.target, (*task.deps, *entry.after), **extra,
                                     partitions_start=task.partitions_start, description=task.description,
                                     owner=task.owner)
-            declared[task.name] = (entry.cron, entry.timezone, entry.catchup, where)
+            declared[task.name] = (entry.cron, entry.timezone, entry.catchup, where, entry.name)
             continue
         kind = "train" if entry.train is not None else "serve"
         spec = settings.resolve(entry.train or entry.serve or "")
@@ -206,7 +206,7 @@ def load_plan(settings: Settings) -> Plan:
             raise ConfigError(f"{where}: name {entry.name!r} is already a feature table", "rename the entry")
         tasks[entry.name] = Task(entry.name, kind, spec, tuple(entry.after), **extra,
                                  description=f"lakeray {kind} {entry.train or entry.serve}")
-        declared[entry.name] = (entry.cron, entry.timezone, entry.catchup, where)
+        declared[entry.name] = (entry.cron, entry.timezone, entry.catchup, where, entry.name)
     for task in tasks.values():
         if task.kind != "feature":
             for dep in task.deps:
@@ -219,7 +219,7 @@ def load_plan(settings: Settings) -> Plan:
     return Plan(tasks, _group(tasks, declared), external, {t: d[3] for t, d in declared.items()})
 
 
-def _group(tasks: dict[str, Task], declared: dict[str, tuple[str, str, str, str]]) -> list[Schedule]:
+def _group(tasks: dict[str, Task], declared: dict[str, tuple[str, str, str, str, str]]) -> list[Schedule]:
     downstream: dict[str, list[str]] = {name: [] for name in tasks}
     for task in tasks.values():
         for dep in task.deps:
@@ -229,7 +229,7 @@ def _group(tasks: dict[str, Task], declared: dict[str, tuple[str, str, str, str]
     groups: dict[tuple[str, str, str, str | None], list[str]] = {}
     for name in tasks:  # dependency order, so each group's members stay in it
         if name in declared:
-            cron, zone, catchup, _ = declared[name]
+            cron, zone, catchup = declared[name][:3]
             groups.setdefault((cron, zone, catchup, tasks[name].partitions_start), []).append(name)
     schedules = []
     for (cron, zone, catchup, first_day), members in groups.items():
@@ -243,7 +243,8 @@ def _group(tasks: dict[str, Task], declared: dict[str, tuple[str, str, str, str]
                     included.add(child)
                     pending.append(child)
         ordered = tuple(name for name in tasks if name in included)
-        schedules.append(Schedule("__".join(sorted(members)) + "_schedule", cron, zone, catchup,  # type: ignore[arg-type]
+        label = "__".join(sorted(declared[m][4] for m in members))  # `<job>_schedule`, or the YAML entry's name
+        schedules.append(Schedule(label, cron, zone, catchup,  # type: ignore[arg-type]
                                   ordered, tuple(members), first_day is not None))
     return sorted(schedules, key=lambda s: s.name)
 
