@@ -252,3 +252,8 @@ def test_bad_feature_declarations_fail_before_deploy(settings, trained):
     plan = compile_with({"from_request": ["txn_count"]}).args["features"]
     assert plan["tables"][0]["features"] == {"balance": "balance", "segment": "segment"}
     assert plan["tables"][0]["request_keys"] == ["account_id"] and plan["tables"][0]["version"] is None
+    # Declared explicitly (a model without a training set would need this): keys and time are not features.
+    plan = compile_with({"tables": [{"table": TABLE, "entity_keys": ["account_id"], "event_time": "event_time",
+                                     "version": 0}]}).args["features"]
+    assert plan["tables"][0]["features"] == {c: c for c in ["balance", "segment", "txn_count"]}
+    assert plan["tables"][0]["version"] == 0 and plan["tables"][0]["key_types"] == ["int"]

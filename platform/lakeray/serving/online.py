@@ -165,7 +165,9 @@ def plan_online_features(settings: Settings, spec: OnlineFeatures, pinned_uri: s
             schema = _schema(uri, ref["version"])
         except LakerayError as exc:
             raise ConfigError(f"{where}: {field}: feature table {ref['table']!r}: {exc.headline}", exc.fix) from None
-        columns = ref["columns"] if ref["columns"] is not None else [(c, c) for c in schema.names if c in features]
+        own = {*ref["entity_keys"], ref["event_time"]}  # keys and time are the table's, not features it serves
+        columns = ref["columns"] if ref["columns"] is not None else \
+            [(c, c) for c in schema.names if c in features and c not in own]
         needed = [*ref["entity_keys"], *(c for c, _ in columns), *([ref["event_time"]] if ref["event_time"] else [])]
         absent = [c for c in needed if c not in schema.names]
         if absent:
