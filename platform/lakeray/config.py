@@ -46,7 +46,9 @@ __all__ = [
 CONFIG_FILE_NAME = "lakeray.yaml"
 _ENV_PREFIX = "LAKERAY_"
 # Environment variables that steer loading itself rather than override a profile field.
-_RESERVED_ENV = {"LAKERAY_PROFILE", "LAKERAY_CONFIG", "LAKERAY_DEBUG", "LAKERAY_CACHE"}
+# LAKERAY_CLUSTER_NODE tags every process of a `lakeray cluster up` node (how `down` finds them): a
+# lakeray command run inside the cluster (a job's driver, a task) inherits it and must still load.
+_RESERVED_ENV = {"LAKERAY_PROFILE", "LAKERAY_CONFIG", "LAKERAY_DEBUG", "LAKERAY_CACHE", "LAKERAY_CLUSTER_NODE"}
 
 
 class _Model(BaseModel):
