@@ -2,10 +2,10 @@
 
 Both run in the background in their own process groups, with ``DAGSTER_HOME`` at
 ``<storage root>/_dagster`` (SQLite run, event and schedule storage; the generated ``dagster.yaml`` and
-``workspace.yaml``; logs) and the UI bound to 127.0.0.1. ``state.json`` there records their pids;
-``stop`` signals exactly those groups (a daemon's code server and run workers are in its group), never
-another Dagster on the machine. ``start`` validates the plan and the definitions first: a bad
-declaration fails before anything is started.
+``workspace.yaml``; the two processes' output in ``lakeray_logs/``) and the UI bound to 127.0.0.1.
+``state.json`` there records their pids; ``stop`` signals exactly those groups (a daemon's code server
+and run workers are in its group), never another Dagster on the machine. ``start`` validates the plan
+and the definitions first: a bad declaration fails before anything is started.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 __all__ = ["SchedulerState", "dagster_home", "start", "stop", "status"]
 
 _HOST = "127.0.0.1"
+_LOGS = "lakeray_logs"  # not logs/: Dagster manages $DAGSTER_HOME/logs itself and empties it
 
 # Generated each start. Run monitoring notices a run whose worker died (a crash, a SIGKILL) and fails
 # it; run retries then re-execute it from the failed step (only for crashes: a job's own failure is
@@ -142,8 +143,14 @@ def start(settings: Settings, port: int | None = None, wait_s: float = 180.0) ->
                            "`lakeray scheduler stop` first, or use the running one")
     dg.Definitions.validate_loadable(build_definitions(settings))  # a bad declaration fails here, not in the daemon
     home = dagster_home(settings)
-    (home / "logs").mkdir(parents=True, exist_ok=True)
+    logs = home / _LOGS
+    logs.mkdir(parents=True, exist_ok=True)
     (home / "dagster.yaml").write_text(_INSTANCE_YAML)
+    # Create the SQLite storages once, here: the daemon and the webserver creating them at the same
+    # moment can lose the race and exit.
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        instance.get_runs(limit=1)
+        instance.all_instigator_state()
     workspace = home / "workspace.yaml"
     workspace.write_text(_WORKSPACE_YAML.format(project_dir=json.dumps(str(settings.project_dir))))
     config = "" if settings.source.startswith("<") else str(Path(settings.source).resolve())
@@ -156,27 +163,28 @@ def start(settings: Settings, port: int | None = None, wait_s: float = 180.0) ->
     commands = {"dagster-daemon": [str(bin_dir / "dagster-daemon"), "run", "-w", str(workspace)],
                 "dagster-webserver": [str(bin_dir / "dagster-webserver"), "-h", _HOST, "-p", str(port),
                                       "-w", str(workspace)]}
-    pids = {}
+    processes: dict[str, subprocess.Popen] = {}
     for name, command in commands.items():
-        with open(home / "logs" / f"{name}.log", "ab") as log:
+        with open(logs / f"{name}.log", "ab") as log:
             # Own session: stop signals the whole group; SIGINT is not inherited as ignored.
             process = subprocess.Popen(command, env=env, cwd=settings.project_dir, stdin=subprocess.DEVNULL,
                                        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        pids[name] = process.pid
-    state = SchedulerState(pids["dagster-daemon"], pids["dagster-webserver"], url, str(home), config,
+        processes[name] = process
+    state = SchedulerState(processes["dagster-daemon"].pid, processes["dagster-webserver"].pid, url, str(home), config,
                            settings.profile_name, time.time())
     _state_file(settings).write_text(json.dumps(asdict(state), indent=2))
     deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:
-        dead = [name for name, pid in pids.items() if not _ours(pid, name)]
+        dead = [name for name, process in processes.items() if process.poll() is not None]
         if dead or _answers(url):
             break
         time.sleep(1.0)
-    dead = [name for name, pid in pids.items() if not _ours(pid, name)]
+    dead = [name for name, process in processes.items() if process.poll() is not None]
     if dead or not _answers(url):
-        log = home / "logs" / f"{(dead or ['dagster-webserver'])[0]}.log"
+        log = logs / f"{(dead or ['dagster-webserver'])[0]}.log"
         tail = " | ".join(log.read_text(errors="replace").strip().splitlines()[-3:])
-        stop(settings)
+        _stop_groups([process.pid for process in processes.values()], 30.0)
+        _state_file(settings).unlink(missing_ok=True)
         what = f"{', '.join(dead)} exited" if dead else f"the UI did not answer on {url} within {wait_s:.0f} s"
         raise ClusterError(f"the scheduler did not start: {what} ({tail})", f"read {log}")
     return state
@@ -190,21 +198,25 @@ def stop(settings: Settings, timeout_s: float = 30.0) -> list[int]:
         return []
     running = [pid for pid, name in ((state.daemon_pid, "dagster-daemon"),
                                      (state.webserver_pid, "dagster-webserver")) if _ours(pid, name)]
-    for pid in running:
+    _stop_groups(running, timeout_s)
+    _state_file(settings).unlink(missing_ok=True)
+    return running
+
+
+def _stop_groups(pids: list[int], timeout_s: float) -> None:
+    for pid in pids:
         _signal_group(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and any(_alive_group(pid) for pid in running):
+    while time.monotonic() < deadline and any(_alive_group(pid) for pid in pids):
         time.sleep(0.3)
-    for pid in running:
+    for pid in pids:
         if _alive_group(pid):
             _signal_group(pid, signal.SIGKILL)
-    for pid in running:  # reap our direct children when this process started them (tests, one shell)
+    for pid in pids:  # reap our direct children when this process started them (tests, one shell)
         try:
             os.waitpid(pid, os.WNOHANG)
         except ChildProcessError:
             pass
-    _state_file(settings).unlink(missing_ok=True)
-    return running
 
 
 def _signal_group(pid: int, sig: signal.Signals) -> None:
