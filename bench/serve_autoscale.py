@@ -46,20 +46,20 @@ class ReplicaSampler(threading.Thread):
     def __init__(self, t0: float, every_s: float = 0.5) -> None:
         super().__init__(daemon=True)
         self.t0, self.every_s, self.samples, self.errors = t0, every_s, [], 0
-        self._stop = threading.Event()
+        self._halt = threading.Event()
 
     def run(self) -> None:
-        while not self._stop.is_set():
+        while not self._halt.is_set():
             try:
                 counts = replica_counts(APP)
                 alive = sum(v for k, v in counts.items() if k in ("STARTING", "UPDATING", "RECOVERING", "RUNNING"))
                 self.samples.append((round(time.perf_counter() - self.t0, 2), counts.get("RUNNING", 0), alive))
             except Exception:  # a slow controller answer must not end the sampling
                 self.errors += 1
-            self._stop.wait(self.every_s)
+            self._halt.wait(self.every_s)
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
         self.join(10)
 
 
