@@ -62,6 +62,8 @@ def main() -> int:
     started = time.perf_counter()
 
 
+    from lakeray.serving.spec import Batching
+
     with tempfile.TemporaryDirectory(prefix="lakeray-bench-serve-") as root:
         settings = bench_settings(root)
         model = register_model(settings)
@@ -149,7 +151,7 @@ def main() -> int:
         "params": {"features": len(model["features"]), "model": f"xgboost {model['rounds']} rounds depth 6",
                    "instances_per_request": 1, "seconds_per_run": args.seconds, "warmup_s": [1.0, 2.0],
                    "concurrency": [1, 64], "load_tool": tool, "lakeray_spec": "shipped defaults, 1 replica "
-                   "(0.5 CPU), batching 64 / 2 ms, prediction log on",
+                   f"(0.5 CPU), batching 64 / {Batching().wait_timeout_ms:g} ms wait, prediction log on",
                    "plain": "FastAPI + uvicorn, 1 process, same schema and scorer, no batching",
                    "default_serve": "@serve.deployment defaults, __call__ with the same schema and scorer, "
                                     "default HTTP proxy"},
