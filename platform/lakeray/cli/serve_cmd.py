@@ -1,3 +1,4 @@
+import contextlib
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -42,39 +43,77 @@ def _with_port(settings: Any, port: int | None) -> Any:
 def _serve_in_foreground(settings: Any, spec: Any, where: str) -> None:
     from lakeray.cluster.ray_runtime import ray_session
 
-    with ray_session(settings) as handle:
-        _serve_until_stopped(settings, handle, spec, where)
+    # Before ray.init: a SIGTERM while Ray starts would otherwise meet Ray's own handler (sys.exit(15)
+    # at an arbitrary point) or Python's default (killed, Ray's daemons orphaned).
+    _stop_on_signals()
+    try:
+        with ray_session(settings) as handle:
+            _serve_until_stopped(settings, handle, spec, where)
+    except _Stopped as stop:
+        _exit_stopped_early(stop)
+
+
+class _Stopped(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM: the normal end of a foreground server."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    import signal
+
+    # One stop is enough: a second signal must not cut the app's deletion or Ray's shutdown in half
+    # (a supervisor that will not wait sends SIGKILL).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise _Stopped(signum)
+
+
+def _stop_on_signals() -> None:
+    """Ctrl-C and SIGTERM (from a supervisor, or for a process a non-interactive shell started in the
+    background, where SIGINT arrives ignored) both raise _Stopped in the main thread."""
+    import signal
+
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
+
+
+def _exit_stopped_early(stop: _Stopped) -> None:
+    """Stopped before the endpoint served: what was started is cleaned up (ray_session shut Ray down);
+    exit 128 + the signal (130 for Ctrl-C, 143 for SIGTERM), as a shell reports an interrupted command."""
+    click.echo("stopped before the endpoint was serving", err=True)
+    raise SystemExit(128 + stop.signum)
 
 
 def _serve_until_stopped(settings: Any, handle: Any, spec: Any, where: str) -> None:
     """Deploy, serve until Ctrl-C or SIGTERM, then stop: a private Ray is shut down (and with it Serve);
-    in a cluster that outlives this command, the app is deleted and the cluster keeps running. Exit 0."""
-    import signal
+    in a cluster that outlives this command, the app is deleted and the cluster keeps running. Exit 0
+    once it served; a stop during the deploy deletes what it applied and exits 128 + the signal."""
     import time
 
+    from lakeray.errors import ConfigError
     from lakeray.serving.deploy import delete_app, deploy
 
-    # Stopping is the normal end of a server: Ctrl-C, or SIGTERM from a supervisor (and from a shell that
-    # started this in the background, where SIGINT arrives ignored), stop it and exit 0. Set after
-    # ray.init, whose own SIGTERM handler exits without a word.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, _interrupt)
-    endpoint = deploy(settings, spec, where)
+    _stop_on_signals()  # again: ray.init replaced the SIGTERM handler with its own sys.exit(15)
+    try:
+        endpoint = deploy(settings, spec, where)
+    except _Stopped:
+        if not handle.owns_cluster:  # the app may already be applied in the long-lived cluster
+            with contextlib.suppress(ConfigError):
+                delete_app(settings, spec.name)
+        raise
     click.echo(f"serving {endpoint.model} v{endpoint.model_version} at {endpoint.url}/predict (Ctrl-C stops)")
     try:
         while True:
             time.sleep(3600)
-    except KeyboardInterrupt:
+    except _Stopped:
         if handle.owns_cluster:
             click.echo("stopping the endpoint and Ray")
         else:
             click.echo(f"stopping the endpoint (app {spec.name}; the cluster keeps running)")
-            signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not leave a half-deleted app
             delete_app(settings, spec.name)
-
-
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
 
 
 @contextmanager
@@ -107,13 +146,17 @@ def deploy_cmd(ctx: click.Context, spec_file: str, as_json: bool) -> None:
 
     settings = _with_port(settings_from(ctx), (ctx.obj or {}).get("serve_port"))
     spec = load_serve_spec(spec_file)
-    with ray_session(settings) as handle:
-        if handle.owns_cluster:
-            click.echo(f"{_PRIVATE_RAY}: serving in the foreground until Ctrl-C ({_FIX_PRIVATE} to deploy and "
-                       "return)", err=True)
-            _serve_until_stopped(settings, handle, spec, spec_file)
-            return
-        endpoint = deploy(settings, spec, spec_file)
+    _stop_on_signals()  # the private-Ray case serves in the foreground; see _serve_in_foreground
+    try:
+        with ray_session(settings) as handle:
+            if handle.owns_cluster:
+                click.echo(f"{_PRIVATE_RAY}: serving in the foreground until Ctrl-C ({_FIX_PRIVATE} to deploy "
+                           "and return)", err=True)
+                _serve_until_stopped(settings, handle, spec, spec_file)
+                return
+            endpoint = deploy(settings, spec, spec_file)
+    except _Stopped as stop:
+        _exit_stopped_early(stop)
     if as_json:
         click.echo(json.dumps({"app": endpoint.app, "url": endpoint.url, "model": endpoint.model,
                                "model_version": endpoint.model_version}))

@@ -165,7 +165,15 @@ def _start_serve(settings: Settings, host: str) -> None:
     if running_port is None and settings.profile.ray.address in (None, "", "auto", "local"):
         # Serve starts now in this local cluster: its proxy will bind the port on this machine.
         _refuse_busy_port(host, cfg.port)
-    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    from ray.exceptions import RayError
+
+    try:
+        serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    except RayError as exc:  # the proxy actor died or did not answer within Serve's own 60 s
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise ClusterError(f"Ray Serve's HTTP proxy did not start on {cfg.host}:{cfg.port}: {reason}",
+                           "check `ray status` and the proxy's log (/tmp/ray/session_latest/logs/serve/); "
+                           "on an overloaded machine, deploy again") from None
 
 
 def _merged_config(settings: Settings, client: Any, app: Any, where: str) -> Any:
