@@ -66,11 +66,15 @@ class Project:
     path: Path
     root: Path
     env: dict[str, str]
-    dashboard: str
+    netns: str  # the cluster and every command that talks to it run in this network namespace
+    dashboard: str = ""
+
+    def command(self, *args: str) -> list[str]:
+        return ["ip", "netns", "exec", self.netns, *args]
 
     def lakeray(self, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
-        return subprocess.run([LAKERAY, *args], cwd=self.path, env=self.env, capture_output=True, text=True,
-                              timeout=timeout)
+        return subprocess.run(self.command(LAKERAY, *args), cwd=self.path, env=self.env, capture_output=True,
+                              text=True, timeout=timeout)
 
 
 def _git(path: Path, *args: str) -> str:
@@ -92,33 +96,26 @@ def project(tmp_path_factory):
     _git(path, "commit", "-q", "-m", "project")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LAKERAY_", "RAY_ADDRESS", "RAY_API_SERVER"))}
     env["LAKERAY_STORAGE__ROOT"] = str(root)
-    proj = Project(path, root, env, "")
-    # `ray start --head` gives the head's dashboard agent (the Jobs API's worker) the fixed port 52365:
-    # while another `ray start` cluster on this machine holds it, this cluster would have no job agent.
-    _wait_for(lambda: _port_free(52365), 120, "port 52365 (Ray's dashboard agent) stayed taken")
-    up = proj.lakeray("cluster", "up", "--workers", "0", "--no-spark", "--head-cpus", "3", timeout=300)
+    # A network namespace of its own (loopback only): `ray start --head` gives the head's dashboard agent,
+    # which runs the Jobs API's jobs, the fixed port 52365, and any other Ray on the machine that holds
+    # it (a test session's local Ray, a second cluster) would leave this cluster without a job agent.
+    netns = f"lrjobs{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", netns], check=True, timeout=30)
+    proj = Project(path, root, env, netns)
     temp_dir = None
     try:
+        subprocess.run(proj.command("ip", "link", "set", "lo", "up"), check=True, timeout=30)
+        up = proj.lakeray("cluster", "up", "--workers", "0", "--no-spark", "--head-cpus", "3", timeout=300)
         assert up.returncode == 0, up.stderr[-3000:]
         state = json.loads((root / "cluster" / "state.json").read_text())
         proj.dashboard, temp_dir = state["dashboard_url"], state["temp_dir"]
         yield proj
     finally:
         down = proj.lakeray("cluster", "down", timeout=120)
-        assert down.returncode == 0, down.stderr[-2000:]
         if temp_dir:
             _kill_renamed_leftovers(temp_dir)
-
-
-def _port_free(port: int) -> bool:
-    import socket
-
-    with socket.socket() as sock:
-        try:
-            sock.bind(("0.0.0.0", port))
-        except OSError:
-            return False
-    return True
+        subprocess.run(["ip", "netns", "delete", netns], timeout=30)
+        assert down.returncode == 0, down.stderr[-2000:]
 
 
 def _kill_renamed_leftovers(temp_dir: str) -> None:
@@ -148,7 +145,7 @@ def _status(project: Project, job_id: str) -> dict:
 
 def test_script_job_exit_status_metadata_and_logs(project):
     ok = project.lakeray("jobs", "submit", "--id", "hello-ok", "--wait", "hello.py", "0")
-    assert ok.returncode == 0, ok.stderr[-3000:]
+    assert ok.returncode == 0, ok.stdout[-2000:] + ok.stderr[-2000:]
     assert f"hello from the job; storage root {project.root}" in ok.stdout  # streamed while it ran
     state = _status(project, "hello-ok")
     assert state["status"] == "SUCCEEDED" and state["entrypoint"] == "python hello.py 0"
@@ -164,12 +161,16 @@ def test_script_job_exit_status_metadata_and_logs(project):
     # A failing job: --wait exits with the driver's exit code; an uncommitted file marks the code dirty.
     (project.path / "notes.txt").write_text("not committed\n")
     failed = project.lakeray("jobs", "submit", "--id", "hello-fail", "--wait", "--", "python", "hello.py", "3")
-    assert failed.returncode == 3, failed.stderr[-3000:]
+    assert failed.returncode == 3, failed.stdout[-2000:] + failed.stderr[-2000:]
     state = _status(project, "hello-fail")
     assert state["status"] == "FAILED" and state["driver_exit_code"] == 3
     assert state["metadata"]["lakeray.git_dirty"] == "true"
     logs = project.lakeray("jobs", "logs", "hello-fail")
     assert logs.returncode == 0 and "hello from the job" in logs.stdout
+    shown = project.lakeray("jobs", "status", "hello-fail")
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    assert "job hello-fail: FAILED (exit 3)" in shown.stdout and "+ uncommitted changes" in shown.stdout
+    assert "spec:        hello.py sha256 " in shown.stdout
 
 
 def test_lakeray_command_job_reads_the_submitters_lakehouse(project):
@@ -179,7 +180,7 @@ def test_lakeray_command_job_reads_the_submitters_lakehouse(project):
     write_deltalake(str(project.root / "tables" / "job_input"), pa.table({"id": [1, 2, 3]}))
     done = project.lakeray("jobs", "submit", "--id", "tables-list", "--wait", "--", "lakeray", "tables", "list",
                            "--json")
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     listed = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("[")))
     assert [(t["name"], t["rows"]) for t in listed] == [("job_input", 3)]
     assert _status(project, "tables-list")["metadata"]["lakeray.command"] == "lakeray tables list --json"
@@ -187,8 +188,8 @@ def test_lakeray_command_job_reads_the_submitters_lakehouse(project):
 
 def test_official_ray_job_cli_and_lakeray_jobs_share_the_cluster(project):
     env = {**project.env, "RAY_AUTH_MODE": "token"}  # `ray job` reads the token from ~/.ray/auth_token
-    official = subprocess.run([os.path.join(BIN, "ray"), "job", "submit", "--address", project.dashboard,
-                               "--submission-id", "from-ray-cli", "--", "echo", "official"], env=env,
+    official = subprocess.run(project.command(os.path.join(BIN, "ray"), "job", "submit", "--address", project.dashboard,
+                               "--submission-id", "from-ray-cli", "--", "echo", "official"), env=env,
                               capture_output=True, text=True, timeout=180, cwd=project.path)
     assert official.returncode == 0, official.stderr[-3000:]
     listed = project.lakeray("jobs", "list", "--json")
@@ -198,7 +199,8 @@ def test_official_ray_job_cli_and_lakeray_jobs_share_the_cluster(project):
     table = project.lakeray("jobs", "list")
     assert "from-ray-cli" in table.stdout and "hello-ok" in table.stdout
     # ... and the other way round: `ray job logs` reads a job lakeray submitted.
-    theirs = subprocess.run([os.path.join(BIN, "ray"), "job", "logs", "--address", project.dashboard, "hello-ok"],
+    theirs = subprocess.run(project.command(os.path.join(BIN, "ray"), "job", "logs", "--address", project.dashboard,
+                                            "hello-ok"),
                             env=env, capture_output=True, text=True, timeout=120)
     assert theirs.returncode == 0 and "hello from the job" in theirs.stdout
 
@@ -225,8 +227,9 @@ def test_stop_mid_write_ends_the_job_and_leaves_whole_commits(project, tmp_path)
     from deltalake import DeltaTable
 
     table = str(project.root / "tables" / "stopped_writer")
-    waiting = subprocess.Popen([LAKERAY, "jobs", "submit", "--id", "writer", "--wait", "--", "python", "writer.py",
-                                table, str(ROWS), str(tmp_path)], cwd=project.path, env=project.env,
+    waiting = subprocess.Popen(project.command(LAKERAY, "jobs", "submit", "--id", "writer", "--wait", "--", "python",
+                                               "writer.py", table, str(ROWS), str(tmp_path)), cwd=project.path,
+                               env=project.env,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         def versions() -> int:
@@ -294,7 +297,7 @@ def test_errors_name_the_fix(project, tmp_path):
 
 
 def test_upload_leaves_out_large_files_and_refuses_over_the_cap(tmp_path):
-    from lakeray.cluster.jobs import plan_upload
+    from lakeray.cluster.job_env import plan_upload
     from lakeray.config import load_settings
     from lakeray.errors import ConfigError
 
