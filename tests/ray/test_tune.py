@@ -208,3 +208,89 @@ def test_a_killed_search_resumes_without_rerunning_finished_trials(settings, tun
     again = subprocess.run([*cli, "tune", str(spec_file), "--json"], env=env, capture_output=True, text=True,
                            timeout=120)
     assert again.returncode == 2 and "already exists" in again.stderr
+
+
+def _trial_events(folder: Path) -> dict[str, list[dict]]:
+    """Trial id → the progress events of its Ray Train run (multi-worker trials only)."""
+    runs = folder / "trial_runs"
+    found = {}
+    for progress in sorted(runs.glob("*/progress.jsonl")) if runs.exists() else []:
+        lines = [x for x in progress.read_text().splitlines() if x.strip()]
+        found[progress.parent.name] = [json.loads(x) for x in lines[:-1]]  # the last may be half-written
+        if lines:
+            try:
+                found[progress.parent.name].append(json.loads(lines[-1]))
+            except json.JSONDecodeError:
+                pass
+    return found
+
+
+def test_two_worker_trials_are_stopped_by_asha_and_resume_from_their_ray_train_checkpoint(settings, ray_handle,
+                                                                                         tmp_path):
+    """Each trial drives a 2-worker Ray Train run. The first trial's rank 0 is SIGKILLed mid-run
+    (max_failures 0: the trial errors); ASHA stops the second (worse) trial at its first rung, which
+    ends its worker group; --resume restarts the errored trial from its Ray Train checkpoint, leaves the
+    stopped one alone, and registers the best as challenger."""
+    import threading
+
+    import ray
+
+    from lakeray.registry import mlflow_client
+    from lakeray.training.tune import search_folder
+    from tests.conftest import write_learnable
+
+    write_learnable(settings.table_path("tune_set4"), 12_000, 8, seed=12, files=4)  # a file shard per worker
+    body = _spec("tune_set4", "groups", num_samples=2, max_concurrent=1, search={"algorithm": "random", "seed": 1},
+                 space={"eta": {"choice": [0.3, 0.002]}}, metric={"name": "logloss"}, checkpoint_every=20,
+                 scheduler={"kind": "asha", "grace_period": 10, "reduction_factor": 2})
+    body["train"]["model"]["rounds"] = 200
+    body["train"]["scaling"] = {"num_workers": 2, "cpus_per_worker": 1, "use_gpu": False}
+    body["train"]["max_failures"] = 0
+    body["train"]["registry"]["model_name"] = "tune_groups"
+    folder = Path(search_folder(settings, "groups"))
+    free_before = ray.available_resources().get("CPU", 0)
+    killed: dict[str, int] = {}
+
+    def kill_first_group_mid_run() -> None:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not killed:
+            for trial_id, events in _trial_events(folder).items():
+                done = [e for e in events if e["event"] == "checkpoint" and e["step"] >= 40]
+                if done:
+                    os.kill(done[0]["pid"], signal.SIGKILL)  # rank 0 of the trial's worker group
+                    killed[trial_id] = done[0]["step"]
+                    return
+            time.sleep(0.1)
+
+    killer = threading.Thread(target=kill_first_group_mid_run, daemon=True)
+    killer.start()
+    with pytest.raises(ClusterError):  # no trial finished: one errored, the other was stopped early
+        _search(settings, body)
+    killer.join(5)
+    assert len(killed) == 1, "no worker group reached round 40"
+    (first,) = killed
+    events = _trial_events(folder)
+    assert set(events) and len(events) == 2  # a Ray Train run per trial, one after the other
+    (second,) = set(events) - {first}
+    # ASHA stopped it at its first rung; its group may have run a report or two ahead of the decision.
+    assert max(e["step"] for e in events[second] if e["event"] == "step") < 100
+    # The stopped trial's worker group is gone: its CPUs are back.
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and ray.available_resources().get("CPU", 0) < free_before - 0.01:
+        time.sleep(0.5)
+    assert ray.available_resources().get("CPU", 0) >= free_before - 0.01
+
+    report = _search(settings, body, resume=True)
+    by_id = {t.trial_id: t for t in report.trials}
+    assert by_id[first].final and by_id[first].rounds == 200 and by_id[first].config["eta"] == 0.3
+    assert by_id[second].stopped_early and by_id[second].rounds == 10  # what Tune saw when it stopped it
+    resumed = [e for e in _trial_events(folder)[first] if e["event"] == "resumed"]
+    assert resumed and 20 <= resumed[-1]["step"] <= killed[first]  # from its checkpoint, not from round 0
+    # The stopped trial was not run again: its run was started once (its group may have written a
+    # report or two more while Tune ended it).
+    assert [e["attempt"] for e in _trial_events(folder)[second] if e["event"] == "started"] == [0]
+    assert report.best.trial_id == first and report.model is not None and report.model.alias == "challenger"
+    version = mlflow_client(settings).get_model_version_by_alias("tune_groups", "challenger")
+    run = mlflow_client(settings).get_run(version.run_id)
+    assert run.data.tags["lakeray.trainer"] == "xgboost/tune-ray-train"
+    assert abs(report.evaluation.metrics["logloss"] - report.best.metric) < 1e-5  # the same held-out rows

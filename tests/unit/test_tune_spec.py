@@ -40,6 +40,9 @@ def _error(body) -> str:
     ({"max_dpth": {"int": [3, 8]}}, "space.max_dpth", "unknown parameter"),
     ({"objective": {"choice": ["binary:hinge"]}}, "space.objective", "lakeray sets"),
     ({"rounds": {"uniform": [10, 100]}}, "space.rounds", "whole numbers"),
+    # Values the space can draw but XGBoost refuses: caught before any trial, not in every trial.
+    ({"subsample": {"uniform": [0.5, 1.5]}}, "space.subsample", "XGBoost refuses subsample=1.5"),
+    ({"max_depth": {"choice": [4, "deep"]}}, "space.max_depth", "XGBoost refuses max_depth='deep'"),
 ])
 def test_space_errors_name_the_field(space, field, words):
     headline = _error(_tune(space=space))
@@ -60,9 +63,20 @@ def test_a_metric_the_trainer_does_not_report_is_refused():
         "loguniform": [1e-4, 1e-2]}}, metric={"name": "mae"}))
 
 
-def test_multi_worker_trials_and_a_grace_period_above_the_rounds_are_refused():
-    assert "scaling.num_workers is 2" in _error(_tune(train={**BASE, "scaling": {"num_workers": 2}}))
+def test_a_budget_too_small_for_one_trial_and_a_grace_period_above_the_rounds_are_refused():
     assert "scheduler.grace_period: 80" in _error(_tune(scheduler={"grace_period": 80}))
+    assert "time_budget_s: 5 s is too small for one trial" in _error(_tune(time_budget_s=5))
+    two = {**BASE, "scaling": {"num_workers": 2}}
+    assert "time_budget_s: 20 s is too small for one trial: a multi-worker" in _error(
+        _tune(train=two, time_budget_s=20))
+    assert "time_budget_s" in _error(_tune(time_budget_s=0))
+
+
+def test_a_multi_worker_base_spec_is_a_valid_search():
+    two = {**BASE, "scaling": {"num_workers": 2, "cpus_per_worker": 1}}
+    setup = resolve_tune_spec(TuneSpec.parse(_tune(train=two, time_budget_s=60), "t.yaml"), "t.yaml")
+    assert setup.base.scaling.num_workers == 2
+    assert trial_spec(setup.base, {"eta": 0.1}, setup.report_every).scaling.num_workers == 2
 
 
 def test_the_base_spec_path_is_relative_to_the_tune_spec(tmp_path):

@@ -222,8 +222,8 @@ def _train_entry(config: dict[str, Any]) -> None:
     ctx_info = ray.train.get_context()
     # Each (re)start of the worker group appends one "started" line (rank 0): count the earlier ones.
     attempt = sum(1 for e in _read_progress(run.progress_file) if e["event"] == "started")
-    ctx = _RayTrainContext(plan, run, ctx_info.get_world_rank(), ctx_info.get_world_size(), config["use_gpu"],
-                           attempt)
+    context = config.get("context") or _RayTrainContext  # tune binds the worker's reports to its trial
+    ctx = context(plan, run, ctx_info.get_world_rank(), ctx_info.get_world_size(), config["use_gpu"], attempt)
     ctx.progress(0, {}, "started")
     config["fit"](ctx)
 
@@ -319,12 +319,15 @@ def _check_resources(plan: TrainPlan, use_gpu: bool) -> None:
 
 def launch(settings: Settings, plan: TrainPlan, fit: Callable[[WorkerContext], None], run: RunFolder,
            use_gpu: bool, trainer: str = "xgboost", on_event: Callable[[dict[str, Any]], None] | None = None,
-           start_timeout_s: float | None = None) -> LaunchResult:
+           start_timeout_s: float | None = None, context: Callable[..., WorkerContext] | None = None,
+           callbacks: list[Any] | None = None) -> LaunchResult:
     """Run ``fit`` on the plan's workers (Ray connected by the caller); the final checkpoint back.
 
     ``trainer`` picks the Ray Train class for several workers: ``xgboost`` (collective) or ``torch`` (DDP).
     Workers that have not started within ``start_timeout_s`` (default ``ray.op_timeout_s``) fail the run
-    with a ClusterError instead of waiting for CPUs that never come.
+    with a ClusterError instead of waiting for CPUs that never come. For several workers, ``context``
+    (called like the WorkerContext constructor on each worker) and ``callbacks`` (Ray Train callbacks)
+    let a Tune trial route the workers' reports to itself (training.tune).
     """
     _check_resources(plan, use_gpu)
     os.makedirs(run.path, exist_ok=True)
@@ -334,8 +337,8 @@ def launch(settings: Settings, plan: TrainPlan, fit: Callable[[WorkerContext], N
         if plan.num_workers == 1:
             checkpoint_dir, path = _run_task(plan, fit, run, use_gpu, start_timeout_s), "task"
         else:
-            checkpoint_dir, path = _run_ray_train(settings, plan, fit, run, use_gpu, trainer, start_timeout_s), \
-                "ray-train"
+            checkpoint_dir, path = _run_ray_train(settings, plan, fit, run, use_gpu, trainer, start_timeout_s,
+                                                  context, callbacks), "ray-train"
     fit_s = time.perf_counter() - started
     events = _read_progress(run.progress_file)
     restarts, redone = _restarts(events)
@@ -384,7 +387,8 @@ def _run_task(plan: TrainPlan, fit: Callable[[WorkerContext], None], run: RunFol
 
 
 def _run_ray_train(settings: Settings, plan: TrainPlan, fit: Callable[[WorkerContext], None], run: RunFolder,
-                   use_gpu: bool, trainer: str, start_timeout_s: float) -> str:
+                   use_gpu: bool, trainer: str, start_timeout_s: float,
+                   context: Callable[..., WorkerContext] | None = None, callbacks: list[Any] | None = None) -> str:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 
     if trainer == "torch":
@@ -393,13 +397,13 @@ def _run_ray_train(settings: Settings, plan: TrainPlan, fit: Callable[[WorkerCon
         from ray.train.xgboost import XGBoostTrainer as Trainer
     trainer_obj = Trainer(
         _train_entry,
-        train_loop_config={"fit": fit, "plan": plan, "run": run, "use_gpu": use_gpu},
+        train_loop_config={"fit": fit, "plan": plan, "run": run, "use_gpu": use_gpu, "context": context},
         scaling_config=ScalingConfig(num_workers=plan.num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": plan.cpus_per_worker,
                                                            **({"GPU": 1} if use_gpu else {})}),
         run_config=RunConfig(name=run.run_id, storage_path=run.root,
                              failure_config=FailureConfig(max_failures=plan.spec.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2), callbacks=callbacks),
     )
     box: dict[str, Any] = {}
 

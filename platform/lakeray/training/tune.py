@@ -5,11 +5,17 @@
 1. :func:`~lakeray.training.tune_spec.resolve_tune_spec` loads the base train spec and checks the space,
    and :func:`~lakeray.training.api.validate` pins the training set: every spec error before any trial;
 2. Ray Tune runs a *function* trainable per trial (passing a Trainer to Tuner is deprecated in Ray 2.60).
-   A trial builds its TrainSpec (base + sampled values) and calls the model kind's per-worker function
-   (``fit_xgboost`` / ``fit_torch``) right in the trial's own process, with a :class:`_TrialContext`:
-   ``progress`` becomes ``ray.tune.report`` (so ASHA sees the metric and can stop the trial),
-   ``checkpoint`` a Tune checkpoint, ``resume`` ``ray.tune.get_checkpoint()``. No worker group is
-   started per trial. Trials ask Tune for ``cpus_per_worker`` CPUs: those that do not fit wait in line;
+   A trial builds its TrainSpec (base + sampled values). With one worker it calls the model kind's
+   per-worker function (``fit_xgboost`` / ``fit_torch``) right in the trial's own process, with a
+   :class:`_TrialContext`: ``progress`` becomes ``ray.tune.report`` (so ASHA sees the metric and can
+   stop the trial), ``checkpoint`` a Tune checkpoint, ``resume`` ``ray.tune.get_checkpoint()``; no
+   worker group is started. With several workers the trial is the driver of a Ray Train V2 run
+   (:func:`~lakeray.training.runtime.launch`, the path of ``lakeray train``): each worker reports
+   through :class:`_GroupTrialContext` and Ray's ``TuneReportCallback`` hands rank 0's report to
+   the trial, so ASHA stops it the same way (stopping the trial's actor ends its worker group). A
+   one-worker trial asks Tune for ``cpus_per_worker`` CPUs; a multi-worker trial for a small driver
+   share, its workers' CPUs being one placement group that Ray Train reserves all at once, and the
+   default concurrency counts both: trials that do not fit wait in line;
 3. the best finished trial's final checkpoint is loaded, scored on the held-out rows and registered
    through :func:`~lakeray.training.tracking.log_training` with the base spec's alias (``challenger``);
    MLflow gets a parent run with one child run per trial (tune_tracking).
@@ -34,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 from lakeray.errors import ClusterError, ConfigError
 from lakeray.training.runtime import WorkerContext, read_state
+from lakeray.training.tune_group import GROUP_DRIVER_CPU, TRIAL_RUNS
 from lakeray.training.tune_spec import TuneSetup, TuneSpec, load_tune_spec, resolve_tune_spec, trial_spec
 
 if TYPE_CHECKING:
@@ -43,10 +50,9 @@ if TYPE_CHECKING:
     from lakeray.training.spec import TrainPlan
 
 __all__ = ["TuneSpec", "TrialStatus", "TuneReport", "load_tune_spec", "validate_search", "search", "search_folder",
-           "STATE_FILE"]
+           "trial_cpus", "trial_checkpoint", "STATE_FILE", "TRIAL_RUNS", "GROUP_DRIVER_CPU"]
 
 STATE_FILE = "lakeray_search.json"
-_RESULT_KEYS = ("rounds", "final")
 
 
 # -- inside a trial ---------------------------------------------------------------------------------
@@ -109,7 +115,7 @@ class _TrialContext(WorkerContext):
         tune.report(result, checkpoint=checkpoint)
 
 
-def _trial(config: dict[str, Any], plan: TrainPlan, setup: TuneSetup) -> None:
+def _trial(config: dict[str, Any], plan: TrainPlan, setup: TuneSetup, settings: Settings, folder: str) -> None:
     """A Tune function trainable: the base plan with this trial's values, trained by the kind's fit."""
     from ray import tune
 
@@ -117,6 +123,11 @@ def _trial(config: dict[str, Any], plan: TrainPlan, setup: TuneSetup) -> None:
 
     spec = trial_spec(plan.spec, config, setup.report_every)
     trial_plan = dataclasses.replace(plan, spec=spec)
+    if plan.num_workers > 1:
+        from lakeray.training.tune_group import run_group_trial
+
+        run_group_trial(settings, trial_plan, setup, folder)
+        return
     found = tune.get_checkpoint()
     if found is not None:
         with found.as_directory() as folder:
@@ -158,16 +169,40 @@ class _Listener:
     setup: TuneSetup
     on_update: Callable[[list[TrialStatus]], None] | None
     start_timeout_s: float
+    group_runs: str | None = None  # multi-worker trials: where their Ray Train runs write progress
     started: float = field(default_factory=time.monotonic)
     any_started: bool = False
     timed_out: bool = False
     last: list[TrialStatus] = field(default_factory=list)
+    released: set[str] = field(default_factory=set)  # ended multi-worker trials whose group is freed
+
+    def _trial_started(self, row: TrialStatus) -> bool:
+        if row.state == "PENDING":
+            return False
+        if self.group_runs is None or row.rounds > 0:
+            return True
+        # A running multi-worker trial may still wait for its workers' placement group.
+        from lakeray.training.tune_group import group_started
+
+        return group_started(self.group_runs, row.trial_id)
+
+    def release(self, trial_ids: list[str]) -> list[str]:
+        """Free the worker groups of ended multi-worker trials (tune_group.release_group); those left."""
+        from lakeray.training.tune_group import release_group
+
+        for trial_id in trial_ids:
+            if self.group_runs is not None and trial_id not in self.released \
+                    and release_group(self.group_runs, trial_id):
+                self.released.add(trial_id)
+        return [t for t in trial_ids if t not in self.released]
 
     def update(self, trials: list[Any]) -> None:
         rows = [_status(t, self.setup) for t in trials]
-        if self.timed_out:
+        if self.group_runs is not None:
+            self.release([r.trial_id for r in rows if r.state in ("TERMINATED", "ERROR")])
+        if self.timed_out or self.any_started:
             pass  # the stopper ends the trials now: their new states say nothing about starting
-        elif any(r.state != "PENDING" for r in rows):
+        elif any(self._trial_started(r) for r in rows):
             self.any_started = True
         elif time.monotonic() - self.started > self.start_timeout_s and trials:
             self.timed_out = True
@@ -232,25 +267,36 @@ def validate_search(settings: Settings, tune: TuneSpec, where: str = "tune spec"
     return setup, validate(settings, setup.base, setup.base_where)
 
 
-def _max_concurrent(settings: Settings, tune: TuneSpec, cpus: int, cluster_cpus: float) -> int:
+def trial_cpus(plan: TrainPlan) -> float:
+    """CPUs one trial holds while it trains: its workers, plus its driver's share for a Ray Train group."""
+    if plan.num_workers == 1:
+        return float(plan.cpus_per_worker)
+    return plan.num_workers * plan.cpus_per_worker + GROUP_DRIVER_CPU
+
+
+def _max_concurrent(settings: Settings, tune: TuneSpec, plan: TrainPlan, cluster_cpus: float) -> int:
     if tune.max_concurrent:
         return tune.max_concurrent
     # A local Ray reports cores + 2 logical CPUs (DESIGN.md traps): count the physical ones.
     usable = (os.cpu_count() or 1) if settings.profile.ray.address is None else cluster_cpus
-    return max(1, int(usable) // cpus)
+    return max(1, int(usable // trial_cpus(plan)))
 
 
 def _check_fits(plan: TrainPlan, where: str) -> None:
     import ray
 
     total = ray.cluster_resources()
-    need = plan.cpus_per_worker
+    need = trial_cpus(plan)
+    what = ("scaling.cpus_per_worker of the base spec" if plan.num_workers == 1 else
+            f"{plan.num_workers} workers x {plan.cpus_per_worker} CPU(s) + {GROUP_DRIVER_CPU:g} for the trial's driver")
     if need > total.get("CPU", 0):
-        raise ClusterError(f"{where}: a trial needs {need} CPU(s) (scaling.cpus_per_worker of the base spec); the "
-                           f"Ray cluster has {total.get('CPU', 0):g}, so no trial could ever start",
-                           "lower cpus_per_worker, or add nodes")
-    if plan.use_gpu and total.get("GPU", 0) < 1:
-        raise ClusterError(f"{where}: trials need a GPU; the cluster has none", "set scaling.use_gpu: false or auto")
+        raise ClusterError(f"{where}: a trial needs {need:g} CPU(s) ({what}); the Ray cluster has "
+                           f"{total.get('CPU', 0):g}, so no trial could ever start",
+                           "lower cpus_per_worker or num_workers, or add nodes")
+    gpus = plan.num_workers if plan.use_gpu else 0
+    if gpus > total.get("GPU", 0):
+        raise ClusterError(f"{where}: a trial needs {gpus} GPU(s) (one per worker); the cluster has "
+                           f"{total.get('GPU', 0):g}", "set scaling.use_gpu: false or auto, or fewer workers")
 
 
 @contextlib.contextmanager
@@ -285,12 +331,19 @@ def search(settings: Settings, tune: TuneSpec, where: str = "tune spec", resume:
     _check_fits(plan, where)
     start_timeout_s = start_timeout_s or settings.profile.ray.op_timeout_s
 
-    trainable = ray_tune.with_resources(ray_tune.with_parameters(_trial, plan=plan, setup=setup),
-                                        {"CPU": plan.cpus_per_worker, "GPU": 1 if plan.use_gpu else 0})
-    listener = _Listener(setup, on_update, start_timeout_s)
+    trainable = ray_tune.with_parameters(_trial, plan=plan, setup=setup, settings=settings, folder=folder)
+    if plan.num_workers == 1:
+        resources = {"CPU": plan.cpus_per_worker, "GPU": 1 if plan.use_gpu else 0}
+    else:  # the workers' CPUs/GPUs are Ray Train's placement group, reserved when the trial starts it
+        resources = {"CPU": GROUP_DRIVER_CPU}
+    trainable = ray_tune.with_resources(trainable, resources)
+    listener = _Listener(setup, on_update, start_timeout_s,
+                         os.path.join(folder, TRIAL_RUNS) if plan.num_workers > 1 else None)
     LISTENERS[folder] = listener
     try:
-        with _env(TUNE_GLOBAL_CHECKPOINT_S="2", RAY_AIR_NEW_OUTPUT="0"):
+        # TUNE_FORCE_TRIAL_CLEANUP_S: a stopped trial whose actor does not exit gracefully (a
+        # multi-worker trial's thread is inside trainer.fit) is killed after 15 s, not Tune's 600 s.
+        with _env(TUNE_GLOBAL_CHECKPOINT_S="2", RAY_AIR_NEW_OUTPUT="0", TUNE_FORCE_TRIAL_CLEANUP_S="15"):
             if resume:
                 tuner = ray_tune.Tuner.restore(folder, trainable, resume_unfinished=True, resume_errored=True)
             else:
@@ -300,12 +353,16 @@ def search(settings: Settings, tune: TuneSpec, where: str = "tune spec", resume:
             fit_s = time.perf_counter() - fit_started
     finally:
         LISTENERS.pop(folder, None)
+        if plan.num_workers > 1:  # Tune has ended every trial's actor: free what their groups still hold
+            deadline = time.monotonic() + 30
+            while listener.release([t.trial_id for t in listener.last]) and time.monotonic() < deadline:
+                time.sleep(0.5)
     if listener.timed_out and not listener.any_started:
         import ray
 
         free = ray.available_resources().get("CPU", 0)
         raise ClusterError(f"{where}: no trial started within {start_timeout_s:.0f} s: each needs "
-                           f"{plan.cpus_per_worker} CPU(s) and the cluster has {free:g} free",
+                           f"{trial_cpus(plan):g} CPU(s) and the cluster has {free:g} free",
                            "free CPUs (`ray status`), lower cpus_per_worker, or raise ray.op_timeout_s")
     from lakeray.training.tune_tracking import finish
 
@@ -335,7 +392,7 @@ def _new_tuner(settings: Settings, setup: TuneSetup, plan: TrainPlan, trainable:
 
     tune = setup.tune
     space = {key: rng.tune_domain() for key, rng in tune.space.items()}
-    concurrent = _max_concurrent(settings, tune, plan.cpus_per_worker, ray.cluster_resources().get("CPU", 0))
+    concurrent = _max_concurrent(settings, tune, plan, ray.cluster_resources().get("CPU", 0))
     limit: int | None = concurrent
     if tune.search.algorithm == "optuna":
         from ray.tune.search.optuna import OptunaSearch
@@ -358,8 +415,20 @@ def _new_tuner(settings: Settings, setup: TuneSetup, plan: TrainPlan, trainable:
         checkpoint_config=CheckpointConfig(num_to_keep=2))
     tune_config = TuneConfig(metric=setup.metric_key, mode=setup.mode, search_alg=searcher, scheduler=scheduler,
                              num_samples=tune.num_samples, max_concurrent_trials=limit,
-                             time_budget_s=tune.time_budget_s, reuse_actors=True)
+                             time_budget_s=tune.time_budget_s,
+                             # A stopped multi-worker trial's actor must go: its thread still drives the
+                             # Ray Train run, which ends with the actor that owns its controller.
+                             reuse_actors=plan.num_workers == 1)
     return ray_tune.Tuner(trainable, param_space=space, tune_config=tune_config, run_config=run_config)
+
+
+def trial_checkpoint(result: Any) -> str | None:
+    """The folder of a trial's last checkpoint: Tune's own (one-worker trials), or the Ray Train
+    checkpoint a multi-worker trial reported (``checkpoint_path``, set by TuneReportCallback)."""
+    if result.checkpoint is not None:
+        return result.checkpoint.path
+    path = (result.metrics or {}).get("checkpoint_path")
+    return path if path and os.path.isdir(path) else None
 
 
 def read_search_state(folder: str) -> dict[str, Any]:

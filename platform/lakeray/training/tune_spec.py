@@ -23,17 +23,22 @@ import os
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lakeray.errors import ConfigError
 from lakeray.training.spec import MetricSpec, TrainSpec
 
 __all__ = ["TuneSpec", "ParamRange", "SearchSpec", "SchedulerSpec", "TuneSetup", "load_tune_spec",
-           "resolve_tune_spec", "trial_spec", "EVALUATED_METRICS"]
+           "resolve_tune_spec", "trial_spec", "EVALUATED_METRICS", "MIN_TRIAL_BUDGET_S"]
 
 # What the driver's held-out evaluation computes (training.evaluate.metrics_of): the best trial is
 # scored and registered on these, so a search may only optimise one of them.
 EVALUATED_METRICS = ("auc", "aucpr", "logloss", "error")
+
+# The smallest time_budget_s a search can finish one trial in, [one worker, several workers]: the
+# fixed start-up measured on 2 cores (bench/train_xgboost.py: a task ~5 s cold, a Ray Train worker
+# group 17-21 s), plus rounds. A smaller budget would spend cluster time and register nothing.
+MIN_TRIAL_BUDGET_S = (10, 30)
 
 # XGBoost booster/task parameters a search may vary (xgboost.readthedocs.io, "XGBoost Parameters").
 # XGBoost only warns about a name it does not know, and the search would then vary nothing: refuse it.
@@ -142,8 +147,9 @@ class TuneSpec(_Model):
     num_samples: int = Field(8, ge=1, description="Trials (configurations drawn).")
     max_concurrent: int | None = Field(None, ge=1, description="Trials running at once (default: as many as the "
                                        "cluster's CPUs hold; a local Ray counts its physical cores).")
-    time_budget_s: float | None = Field(None, ge=10, description="Wall-clock budget of the search: trials still "
-                                        "running then are stopped; the best finished trial is registered.")
+    time_budget_s: float | None = Field(None, gt=0, description="Wall-clock budget of the search: trials still "
+                                        "running then are stopped; the best finished trial is registered. At "
+                                        "least 10 s (30 s with multi-worker trials): one trial's start-up.")
     metric: MetricSpec | None = Field(None, description="Metric to optimise (default: the base spec's).")
     report_every: int | None = Field(None, ge=1, description="Rounds between a trial's metric reports to Tune "
                                      "(default: the ASHA grace period, so every rung is a report; else the "
@@ -210,11 +216,11 @@ def trial_spec(base: TrainSpec, config: dict[str, Any], report_every: int) -> Tr
 def resolve_tune_spec(tune: TuneSpec, where: str = "tune spec") -> TuneSetup:
     """The base spec loaded and checked with the space (no data read, no Ray): ConfigError naming the field."""
     base, base_where = _base_spec(tune, where)
-    if base.scaling.num_workers > 1:
-        raise ConfigError(f"{where}: train: scaling.num_workers is {base.scaling.num_workers}; a search trains "
-                          "each trial in one process (one worker)", "set scaling.num_workers: 1 in the base "
-                          "spec (give the trial more threads with cpus_per_worker); multi-worker trials are "
-                          "not built yet")
+    floor = MIN_TRIAL_BUDGET_S[base.scaling.num_workers > 1]
+    if tune.time_budget_s is not None and tune.time_budget_s < floor:
+        raise ConfigError(f"{where}: time_budget_s: {tune.time_budget_s:g} s is too small for one trial: a "
+                          f"{'multi' if base.scaling.num_workers > 1 else 'one'}-worker trial's start-up alone "
+                          f"takes up to {floor} s here", f"give time_budget_s ≥ {floor}, or leave it out")
     if tune.metric is not None:
         try:
             base = TrainSpec.parse({**base.model_dump(mode="json"), "metric": tune.metric.model_dump(mode="json")},
@@ -254,6 +260,8 @@ def resolve_tune_spec(tune: TuneSpec, where: str = "tune spec") -> TuneSetup:
             from lakeray.training.torch_trainer import validate_torch_spec
 
             validate_torch_spec(spec, f"{where}: space sample {sample} with {base_where}")
+    if kind == "xgboost":
+        _check_xgboost_values(base, tune, where)
     rounds = tune.space.get("rounds")
     top_rounds = int(rounds.high_sample() if rounds and rounds.choice is None else
                      max(rounds.choice) if rounds else base.model.rounds)
@@ -280,3 +288,29 @@ def _base_spec(tune: TuneSpec, where: str) -> tuple[TrainSpec, str]:
     from lakeray.config import read_spec_file
 
     return TrainSpec.parse(read_spec_file(path, "train spec", "fraud_xgboost.yaml"), path), path
+
+
+def _check_xgboost_values(base: TrainSpec, tune: TuneSpec, where: str) -> None:
+    """Each end of every param's range (each option of a choice) goes through XGBoost once, one round on
+    four rows: a value XGBoost refuses (``subsample: 1.5``, ``max_depth: -1``, a string) fails here,
+    naming the field, instead of failing every trial that draws it after the cluster started."""
+    import numpy as np
+    import xgboost
+
+    data = xgboost.DMatrix(np.array([[0.0, 1.0], [1.0, 0.0], [0.5, 0.5], [1.0, 1.0]], dtype=np.float32),
+                           label=np.array([0.0, 1.0, 0.0, 1.0], dtype=np.float32))
+    fields = _MODEL_FIELDS["xgboost"]
+    for key, rng in tune.space.items():
+        if key in fields:
+            continue  # rounds and seed: checked by the spec model
+        values = rng.choice if rng.choice is not None else rng.bounds
+        for value in values:
+            params = {"objective": "binary:logistic", "tree_method": "hist", **base.model.params, key: value,
+                      "eval_metric": base.metric.name, "nthread": 1, "device": "cpu"}
+            try:
+                xgboost.train(params, data, num_boost_round=1)
+            except (xgboost.core.XGBoostError, ValueError, TypeError) as exc:
+                reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+                raise ConfigError(f"{where}: space.{key}: XGBoost refuses {key}={value!r} ({reason})",
+                                  "narrow the range to values XGBoost accepts (xgboost.readthedocs.io, "
+                                  "\"XGBoost Parameters\")") from None

@@ -48,7 +48,9 @@ def _trial_rows(results: Any, setup: TuneSetup, seen: list[TrialStatus]) -> list
 
 
 def _best(rows: list[tuple[TrialStatus, Any]], setup: TuneSetup) -> tuple[TrialStatus, Any]:
-    finished = [(t, r) for t, r in rows if t.final and t.metric is not None and r.checkpoint is not None]
+    from lakeray.training.tune import trial_checkpoint
+
+    finished = [(t, r) for t, r in rows if t.final and t.metric is not None and trial_checkpoint(r) is not None]
     if not finished:
         errors = [r.error for _, r in rows if r.error is not None]
         cause = next((_lakeray_cause(e) for e in errors if _lakeray_cause(e) is not None), None)
@@ -87,15 +89,19 @@ def finish(settings: Settings, setup: TuneSetup, plan: TrainPlan, folder: str, r
     from lakeray.training.api import outcome_of
     from lakeray.training.evaluate import evaluate
     from lakeray.training.runtime import LaunchResult, RunFolder, read_state
-    from lakeray.training.tune import TuneReport, read_search_state, write_search_state
+    from lakeray.training.tune import TRIAL_RUNS, TuneReport, read_search_state, trial_checkpoint, write_search_state
     from lakeray.training.tune_spec import trial_spec
 
     rows = _trial_rows(results, setup, seen)
     best, best_result = _best(rows, setup)
     trial_plan = dataclasses.replace(plan, spec=trial_spec(plan.spec, best_result.config, setup.report_every))
-    checkpoint_dir = best_result.checkpoint.path
-    launched = LaunchResult(RunFolder(folder, os.path.basename(best_result.path)), checkpoint_dir,
-                            read_state(checkpoint_dir), "tune", float(best_result.metrics.get("time_total_s", 0.0)))
+    checkpoint_dir = trial_checkpoint(best_result)
+    # A multi-worker trial's model files are its Ray Train run's; a one-worker trial's, Tune's trial folder.
+    run = RunFolder(os.path.join(folder, TRIAL_RUNS), best.trial_id) if plan.num_workers > 1 else \
+        RunFolder(folder, os.path.basename(best_result.path))
+    launched = LaunchResult(run, checkpoint_dir, read_state(checkpoint_dir),
+                            "tune" if plan.num_workers == 1 else "tune-ray-train",
+                            float(best_result.metrics.get("time_total_s", 0.0)))
     outcome = outcome_of(trial_plan, launched)
     outcome.run_id = f"{setup.tune.name}-{best.trial_id}"
     evaluation = evaluate(trial_plan, lambda x: _predict(outcome, x))
@@ -109,7 +115,7 @@ def finish(settings: Settings, setup: TuneSetup, plan: TrainPlan, folder: str, r
                                 "rounds_budget": rounds_budget})
     return TuneReport(setup.tune.name, folder, [t for t, _ in rows], best, evaluation, model, parent, rounds_run,
                       rounds_budget, time.perf_counter() - started, resumed,
-                      {"metric": setup.metric, "mode": setup.mode, "input": plan.input,
+                      {"metric": setup.metric, "mode": setup.mode, "input": plan.input, "workers": plan.num_workers,
                        "held_out": round(evaluation.metrics[setup.metric], 6)})
 
 
