@@ -36,7 +36,7 @@ __all__ = ["REPO", "MODEL_NAME", "free_port", "bench_settings", "register_model"
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_NAME = "bench_serve_xgb"
-_READY_TIMEOUT_S = 120.0
+_READY_TIMEOUT_S = 180.0
 
 
 def free_port() -> int:
@@ -338,8 +338,15 @@ def _default_serve_main(port: int, tracking_uri: str, model_uri: str) -> None:
 
     # SIGTERM from the benchmark: leave through the finally below, which stops this private Ray.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    ray.init(num_cpus=(os.cpu_count() or 2) + 2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": os.environ["PYTHONPATH"]}})
+    for attempt in (1, 2):  # as bench_ray: a busy machine can miss Ray's fixed 30 s raylet registration
+        try:
+            ray.init(num_cpus=(os.cpu_count() or 2) + 2, include_dashboard=False, log_to_driver=False,
+                     runtime_env={"env_vars": {"PYTHONPATH": os.environ["PYTHONPATH"]}})
+            break
+        except Exception as exc:
+            if attempt == 2 or "timed out during startup" not in str(exc):
+                raise
+            ray.shutdown()
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(Plain.bind(), name="default", route_prefix="/")
