@@ -191,13 +191,17 @@ def info(settings: Settings, job_id: str, address: str | None = None,
     """The job's state and metadata; ClusterError for an id the cluster does not know."""
     target = target or resolve_target(settings, address)
     with _client(target) as client:
-        try:
-            return _details(client.get_job_info(job_id))
-        except RuntimeError as exc:
-            if "404" in str(exc) or "does not exist" in str(exc):
-                raise ClusterError(f"no job {job_id!r} on the cluster at {target.address}",
-                                   "`lakeray jobs list` shows its jobs") from None
-            raise ClusterError(f"the Ray Jobs API at {target.address} failed: {exc}", None) from None
+        return _job_info(client, target, job_id)
+
+
+def _job_info(client: Any, target: JobTarget, job_id: str) -> dict[str, Any]:
+    try:
+        return _details(client.get_job_info(job_id))
+    except RuntimeError as exc:
+        if "404" in str(exc) or "does not exist" in str(exc):
+            raise ClusterError(f"no job {job_id!r} on the cluster at {target.address}",
+                               "`lakeray jobs list` shows its jobs") from None
+        raise ClusterError(f"the Ray Jobs API at {target.address} failed: {exc}", None) from None
 
 
 def list_jobs(settings: Settings, address: str | None = None) -> list[dict[str, Any]]:
@@ -238,14 +242,15 @@ def wait(settings: Settings, job_id: str, timeout_s: float | None = None, addres
     """Poll until the job is SUCCEEDED, FAILED or STOPPED; ClusterError after ``timeout_s``."""
     target = target or resolve_target(settings, address)
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
-    while True:
-        state = info(settings, job_id, target=target)
-        if state["status"] in TERMINAL:
-            return state
-        if deadline is not None and time.monotonic() > deadline:
-            raise ClusterError(f"job {job_id} is still {state['status']} after {timeout_s:g} s",
-                               f"`lakeray jobs status {job_id}`; `lakeray jobs stop {job_id}` ends it")
-        time.sleep(poll_s)
+    with _client(target) as client:  # one client for the whole wait: each new one checks the version first
+        while True:
+            state = _job_info(client, target, job_id)
+            if state["status"] in TERMINAL:
+                return state
+            if deadline is not None and time.monotonic() > deadline:
+                raise ClusterError(f"job {job_id} is still {state['status']} after {timeout_s:g} s",
+                                   f"`lakeray jobs status {job_id}`; `lakeray jobs stop {job_id}` ends it")
+            time.sleep(poll_s)
 
 
 def stop(settings: Settings, job_id: str, timeout_s: float = 60.0, address: str | None = None) -> dict[str, Any]:
