@@ -322,3 +322,45 @@ def test_upload_leaves_out_large_files_and_refuses_over_the_cap(tmp_path):
     message = str(over.value)
     assert "over Ray's upload cap of 5 MiB" in message and "model.bin (3.0 MiB)" in message
     assert ".gitignore or .rayignore" in message
+
+
+def test_job_env_metadata_and_spec_paths(tmp_path, monkeypatch):
+    from lakeray.cluster.job_env import entrypoint, job_metadata, plan_upload, runtime_env
+    from lakeray.config import load_settings
+    from lakeray.errors import ConfigError
+
+    project = tmp_path / "project"
+    (project / "jobs").mkdir(parents=True)
+    shutil.copy(REPO / "lakeray.yaml", project / "lakeray.yaml")
+    (project / "jobs" / "spec.yaml").write_text("model: {kind: xgboost}\n")
+    (tmp_path / "outside.yaml").write_text("x: 1\n")
+    monkeypatch.chdir(project)  # commands name paths as the user types them, from the project folder
+    monkeypatch.setenv("LAKERAY_TRAIN__NUM_WORKERS", "3")
+    monkeypatch.setenv("LAKERAY_CLUSTER_NODE", "/tmp/lakeray-ray-x")
+    settings = load_settings(project / "lakeray.yaml", "local", environ={"LAKERAY_STORAGE__ROOT": str(tmp_path / "lh")})
+
+    meta = job_metadata(settings, ["lakeray", "train", "jobs/spec.yaml", "--json"])
+    import hashlib
+
+    assert meta["lakeray.spec"] == "jobs/spec.yaml"
+    assert meta["lakeray.spec_sha256"] == hashlib.sha256(b"model: {kind: xgboost}\n").hexdigest()
+    assert meta["lakeray.git_commit"] == "" and meta["lakeray.git_dirty"] == "false"  # not a git checkout
+    assert "lakeray.spec" not in job_metadata(settings, ["lakeray", "features", "run", "customer_aggregates"])
+    with pytest.raises(ConfigError, match="runs in the project folder"):
+        job_metadata(settings, ["lakeray", "train", str(tmp_path / "outside.yaml")])
+    assert entrypoint(["jobs/spec.yaml"]) == "jobs/spec.yaml"  # only a .py file runs with python
+    with pytest.raises(ConfigError, match="no command"):
+        entrypoint([])
+
+    renv = runtime_env(settings, plan_upload(settings), local_cluster=True)
+    env = renv["env_vars"]
+    assert env["LAKERAY_STORAGE__ROOT"] == str(tmp_path / "lh") and env["LAKERAY_PROFILE"] == "local"
+    assert env["LAKERAY_TRAIN__NUM_WORKERS"] == "3" and env["LAKERAY_RAY__ADDRESS"] == "auto"
+    assert env["LAKERAY_CONFIG"] == "lakeray.yaml" and "LAKERAY_CLUSTER_NODE" not in env
+    assert env["PATH"] == f"{BIN}:${{PATH}}" and "pip" not in renv
+    assert "PATH" not in runtime_env(settings, plan_upload(settings), local_cluster=False)["env_vars"]
+    with pytest.raises(ConfigError, match="no requirements.lock"):
+        runtime_env(settings, plan_upload(settings), local_cluster=False, pip=True)
+    (project / "requirements.lock").write_text("numpy==2.4.0\n")
+    assert runtime_env(settings, plan_upload(settings), local_cluster=False, pip=True)["pip"] == str(
+        project / "requirements.lock")
