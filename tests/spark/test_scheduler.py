@@ -151,6 +151,24 @@ def test_partitioned_schedule_runs_the_interval_day_and_latest_policy_skips_miss
     assert [r.partition_key for r in tick(defs, instance, "sc_daily_schedule", later).run_requests] == ["2026-03-05"]
 
 
+def test_backfill_through_dagster_skips_days_committed_by_the_same_code(spark, project, dagster_env):
+    from lakeray.scheduler.backfill import backfill_days
+
+    _, instance = dagster_env
+    # 2026-03-02 was committed by the scheduled run above (same code version): skipped, not rerun.
+    seen = []
+    first = backfill_days(project, "sc_daily", "2026-03-01", "2026-03-04", spark, instance, on_day=seen.append)
+    assert [(d.day, d.status) for d in first] == [("2026-03-01", "committed"), ("2026-03-02", "skipped"),
+                                                  ("2026-03-03", "committed")] and seen == first
+    table = read_table(spark, project.table_path("sc_daily"))
+    assert table.count() == 9 and table.select("day").distinct().count() == 3
+    again = backfill_days(project, "sc_daily", "2026-03-01", "2026-03-04", spark, instance)
+    assert [d.status for d in again] == ["skipped"] * 3 and again[-1].version == first[-1].version
+    runs = instance.get_runs(__import__("dagster").RunsFilter(tags={"lakeray/backfill": instance.get_run_by_id(
+        again[0].run_id).tags["lakeray/backfill"]}))
+    assert len(runs) == 3  # one Dagster run per day, in its run history
+
+
 def test_retry_policy_reruns_a_failed_job_through_the_runner(project, dagster_env):
     import dagster as dg
 

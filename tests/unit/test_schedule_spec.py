@@ -151,3 +151,19 @@ def test_cli_list_show_next_start_nothing(tmp_path, monkeypatch, capsys):
     assert not Path(settings.storage_root).exists()  # nothing was started or written
     code, out = lakeray(capsys, "schedule", "next", "--after", "yesterday")
     assert code == 2 and "--after 'yesterday' is not an ISO time" in out
+
+
+@pytest.mark.parametrize("job, first, stop, message", [
+    ("p_daily", "2026-03-05", "2026-03-02", r"schedule backfill p_daily: --to 2026-03-02 is not after --from 2026-03-05"),
+    ("p_daily", "2026-02-01", "2026-03-02", r"p_daily: --from 2026-02-01 is before partitions_start 2026-03-01"),
+    ("p_daily", "March", "2026-03-02", r"p_daily: --from 'March' is not an ISO date"),
+    ("p_clean", "2026-03-01", "2026-03-02", r"p_clean: partitions_start: the job is not daily-partitioned"),
+    ("p_nope", "2026-03-01", "2026-03-02", r"no feature job named 'p_nope'"),
+])
+def test_backfill_range_errors_name_job_and_field(tmp_path, job, first, stop, message):
+    from lakeray.scheduler.backfill import check_range
+
+    settings = project(tmp_path)
+    with pytest.raises(ConfigError, match=message):
+        check_range(settings, job, first, stop)
+    assert check_range(settings, "p_daily", "2026-03-01", "2026-03-03") == ["2026-03-01", "2026-03-02"]

@@ -16,7 +16,7 @@ __all__ = ["schedule", "scheduler"]
 
 @click.group()
 def schedule() -> None:
-    """Schedules from the feature-job declarations and jobs/schedules.yaml (starts nothing)."""
+    """Schedules from the feature-job declarations and jobs/schedules.yaml: list, show, next, backfill."""
 
 
 @schedule.command("list")
@@ -95,6 +95,29 @@ def next_cmd(ctx: click.Context, task: str | None, count: int, after: str | None
     for item in chosen:
         for when in next_runs(item, count, start):
             click.echo(f"{when.isoformat()}  {item.name}  {' → '.join(item.tasks)}")
+
+
+@schedule.command("backfill")
+@click.argument("job")
+@click.option("--from", "first", required=True, help="First day, e.g. 2026-03-01.")
+@click.option("--to", "stop", required=True, help="Day after the last one (exclusive).")
+@click.pass_context
+def backfill_cmd(ctx: click.Context, job: str, first: str, stop: str) -> None:
+    """Run daily-partitioned JOB for each day of [FROM, TO) through Dagster (recorded in its run history).
+
+    Days already committed by the same code version are skipped, so rerunning a backfill is safe.
+    """
+    from lakeray.lakehouse.spark import spark_session
+    from lakeray.scheduler.backfill import backfill_days, check_range
+
+    settings = settings_from(ctx)
+    check_range(settings, job, first, stop)  # bad input fails before Spark starts
+
+    def report(day) -> None:
+        click.echo(f"{day.day}  {day.status:9}  version {day.version}  (run {day.run_id[:8]})")
+
+    with spark_session(settings) as spark:
+        backfill_days(settings, job, first, stop, spark, on_day=report)
 
 
 @click.group()

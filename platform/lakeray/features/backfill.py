@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
     from lakeray.config import Settings
 
-__all__ = ["ChunkResult", "plan_chunks", "backfill"]
+__all__ = ["ChunkResult", "plan_chunks", "backfill", "committed_by_same_code"]
 
 
 @dataclass(frozen=True)
@@ -66,6 +66,17 @@ def _covering_commit(history: list[dict[str, Any]], start: str, end: str) -> dic
     return None
 
 
+def committed_by_same_code(history: list[dict[str, Any]], code_version: str, start: str,
+                           end: str) -> dict[str, Any] | None:
+    """The commit that already holds all of [start, end) from code ``code_version`` (the skip rule), or None.
+    ``history`` is the table's history, newest first."""
+    previous = _covering_commit(history, start, end)
+    rng = (previous or {}).get("run", {}).get("range")
+    if previous is not None and rng and rng[0] <= start and end <= rng[1] and previous["run"].get("code_version") == code_version:
+        return previous
+    return None
+
+
 def backfill(spark: SparkSession, settings: Settings, name: str, start: str, end: str, step_days: int = 1,
              force: bool = False, on_chunk: Callable[[ChunkResult], None] | None = None) -> list[ChunkResult]:
     """Run job ``name`` chunk by chunk over [start, end); returns one result per chunk, in order."""
@@ -82,9 +93,8 @@ def backfill(spark: SparkSession, settings: Settings, name: str, start: str, end
     code = job.code_version
     results = []
     for lo, hi in chunks:
-        previous = None if force else _covering_commit(history, lo, hi)
-        rng = (previous or {}).get("run", {}).get("range")
-        if previous is not None and rng and rng[0] <= lo and hi <= rng[1] and previous["run"].get("code_version") == code:
+        previous = None if force else committed_by_same_code(history, code, lo, hi)
+        if previous is not None:
             result = ChunkResult(lo, hi, "skipped", previous["version"], reason=f"committed at version "
                                  f"{previous['version']} by the same code version {code}")
         else:

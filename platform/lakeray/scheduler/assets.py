@@ -28,10 +28,12 @@ if TYPE_CHECKING:
 
     from lakeray.config import Settings
 
-__all__ = ["build_definitions", "evaluate_tick", "run_key", "SCHEDULE_TAG", "INTERVAL_TAG", "MAX_CATCHUP"]
+__all__ = ["build_definitions", "evaluate_tick", "run_key", "SCHEDULE_TAG", "INTERVAL_TAG", "BACKFILL_TAG",
+           "MAX_CATCHUP"]
 
 SCHEDULE_TAG = "lakeray/schedule"
 INTERVAL_TAG = "lakeray/interval"
+BACKFILL_TAG = "lakeray/backfill"
 MAX_CATCHUP = 100  # intervals one tick may catch up; beyond, the oldest are left to a backfill
 
 
@@ -147,6 +149,13 @@ def _feature_asset(task: Task) -> dg.AssetsDefinition:
         if context.has_partition_key:
             day = dt.date.fromisoformat(context.partition_key)
             start, end = day.isoformat(), (day + dt.timedelta(days=1)).isoformat()
+            tags = context.run.tags
+            if BACKFILL_TAG in tags or "dagster/backfill" in tags:  # the backfill rule of `features backfill`
+                skipped = _committed_by_same_code(runtime, task.target, start, end)
+                if skipped is not None:
+                    context.log.info("%s %s: skipped, committed at version %s by the same code version",
+                                     task.name, start, skipped["version"])
+                    return dg.MaterializeResult(metadata={"delta_version": skipped["version"], "skipped": True})
         result = run_feature_job(runtime.spark(), runtime.settings, task.target, start=start, end=end)
         return dg.MaterializeResult(metadata={
             "delta_version": result.version,
@@ -157,9 +166,21 @@ def _feature_asset(task: Task) -> dg.AssetsDefinition:
             "code_version": result.code_version,
             "path": result.path,
             "seconds": round(result.seconds, 3),
+            "skipped": False,
         })
 
     return _materialise
+
+
+def _committed_by_same_code(runtime: Runtime, name: str, start: str, end: str) -> dict[str, Any] | None:
+    from lakeray.features.backfill import committed_by_same_code
+    from lakeray.features.runner import find_job
+    from lakeray.lakehouse.delta import table_exists, table_history
+
+    spark, path = runtime.spark(), runtime.settings.table_path(name)
+    if not table_exists(spark, path):
+        return None
+    return committed_by_same_code(table_history(spark, path), find_job(runtime.settings, name).code_version, start, end)
 
 
 def _lakeray_command() -> list[str]:

@@ -190,7 +190,7 @@ def start(settings: Settings, port: int | None = None, wait_s: float = 180.0) ->
     return state
 
 
-def stop(settings: Settings, timeout_s: float = 30.0) -> list[int]:
+def stop(settings: Settings, timeout_s: float = 15.0) -> list[int]:
     """SIGTERM the recorded process groups, SIGKILL what is left after ``timeout_s``; returns the pids
     that were running. The state file is removed."""
     state = _read_state(settings)
