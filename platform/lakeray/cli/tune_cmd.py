@@ -20,11 +20,12 @@ def tune(ctx: click.Context, spec_file: str, resume: bool, as_json: bool, no_reg
     import json
 
     from lakeray.cluster.ray_runtime import ray_session
-    from lakeray.training.tune import load_tune_spec, search, validate_search
+    from lakeray.training.tune import check_search_folder, load_tune_spec, search, validate_search
 
     settings = settings_from(ctx)
     spec = load_tune_spec(spec_file)
     checked = validate_search(settings, spec, spec_file)  # every spec error, before any cluster time
+    check_search_folder(settings, spec.name, resume)  # an existing search without --resume: before Ray starts
     view = None if as_json else _LiveTable(checked[0])
     with ray_session(settings):
         if view:

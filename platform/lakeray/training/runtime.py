@@ -327,7 +327,7 @@ def launch(settings: Settings, plan: TrainPlan, fit: Callable[[WorkerContext], N
     Workers that have not started within ``start_timeout_s`` (default ``ray.op_timeout_s``) fail the run
     with a ClusterError instead of waiting for CPUs that never come. For several workers, ``context``
     (called like the WorkerContext constructor on each worker) and ``callbacks`` (Ray Train callbacks)
-    let a Tune trial route the workers' reports to itself (training.tune).
+    let a Tune trial route the workers' reports to itself (training.tune_group).
     """
     _check_resources(plan, use_gpu)
     os.makedirs(run.path, exist_ok=True)

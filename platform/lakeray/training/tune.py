@@ -29,9 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
-import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -41,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 from lakeray.errors import ClusterError, ConfigError
 from lakeray.training.runtime import WorkerContext, read_state
 from lakeray.training.tune_group import GROUP_DRIVER_CPU, TRIAL_RUNS
+from lakeray.training.tune_tracking import STATE_FILE, read_search_state, trial_checkpoint, write_search_state
 from lakeray.training.tune_spec import TuneSetup, TuneSpec, load_tune_spec, resolve_tune_spec, trial_spec
 
 if TYPE_CHECKING:
@@ -50,9 +49,9 @@ if TYPE_CHECKING:
     from lakeray.training.spec import TrainPlan
 
 __all__ = ["TuneSpec", "TrialStatus", "TuneReport", "load_tune_spec", "validate_search", "search", "search_folder",
-           "trial_cpus", "trial_checkpoint", "STATE_FILE", "TRIAL_RUNS", "GROUP_DRIVER_CPU"]
+           "check_search_folder", "trial_cpus", "trial_checkpoint", "read_search_state", "write_search_state",
+           "STATE_FILE", "TRIAL_RUNS", "GROUP_DRIVER_CPU"]
 
-STATE_FILE = "lakeray_search.json"
 
 
 # -- inside a trial ---------------------------------------------------------------------------------
@@ -164,63 +163,6 @@ class TrialStatus:
                 "metric": self.metric, "final": self.final, "stopped_early": self.stopped_early}
 
 
-@dataclass
-class _Listener:
-    setup: TuneSetup
-    on_update: Callable[[list[TrialStatus]], None] | None
-    start_timeout_s: float
-    group_runs: str | None = None  # multi-worker trials: where their Ray Train runs write progress
-    started: float = field(default_factory=time.monotonic)
-    any_started: bool = False
-    timed_out: bool = False
-    last: list[TrialStatus] = field(default_factory=list)
-    released: set[str] = field(default_factory=set)  # ended multi-worker trials whose group is freed
-
-    def _trial_started(self, row: TrialStatus) -> bool:
-        if row.state == "PENDING":
-            return False
-        if self.group_runs is None or row.rounds > 0:
-            return True
-        # A running multi-worker trial may still wait for its workers' placement group.
-        from lakeray.training.tune_group import group_started
-
-        return group_started(self.group_runs, row.trial_id)
-
-    def release(self, trial_ids: list[str]) -> list[str]:
-        """Free the worker groups of ended multi-worker trials (tune_group.release_group); those left."""
-        from lakeray.training.tune_group import release_group
-
-        for trial_id in trial_ids:
-            if self.group_runs is not None and trial_id not in self.released \
-                    and release_group(self.group_runs, trial_id):
-                self.released.add(trial_id)
-        return [t for t in trial_ids if t not in self.released]
-
-    def update(self, trials: list[Any]) -> None:
-        rows = [_status(t, self.setup) for t in trials]
-        if self.group_runs is not None:
-            self.release([r.trial_id for r in rows if r.state in ("TERMINATED", "ERROR")])
-        if self.timed_out or self.any_started:
-            pass  # the stopper ends the trials now: their new states say nothing about starting
-        elif any(self._trial_started(r) for r in rows):
-            self.any_started = True
-        elif time.monotonic() - self.started > self.start_timeout_s and trials:
-            self.timed_out = True
-        if rows != self.last:
-            self.last = rows
-            if self.on_update is not None:
-                self.on_update(rows)
-
-
-def _status(trial: Any, setup: TuneSetup) -> TrialStatus:
-    result = trial.last_result or {}
-    config = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in (trial.config or {}).items()}
-    rounds_cap = int(config.get("rounds", setup.base.model.rounds))
-    metric = result.get(setup.metric_key)
-    return TrialStatus(trial.trial_id, config, str(trial.status), int(result.get("rounds", 0) or 0),
-                       float(metric) if metric is not None else None, rounds_cap, bool(result.get("final")))
-
-
 # -- the search -------------------------------------------------------------------------------------
 @dataclass
 class TuneReport:
@@ -321,13 +263,12 @@ def search(settings: Settings, tune: TuneSpec, where: str = "tune spec", resume:
     from ray import tune as ray_tune
 
     from lakeray.training.api import prepare
-    from lakeray.training.tune_watch import LISTENERS
+    from lakeray.training.tune_watch import LISTENERS, Listener
 
     started = time.perf_counter()
     setup, plan = checked or validate_search(settings, tune, where)
     plan = prepare(settings, setup.base, setup.base_where, plan)
-    folder = search_folder(settings, tune.name)
-    _check_folder(folder, tune.name, resume)
+    folder = check_search_folder(settings, tune.name, resume)
     _check_fits(plan, where)
     start_timeout_s = start_timeout_s or settings.profile.ray.op_timeout_s
 
@@ -337,7 +278,7 @@ def search(settings: Settings, tune: TuneSpec, where: str = "tune spec", resume:
     else:  # the workers' CPUs/GPUs are Ray Train's placement group, reserved when the trial starts it
         resources = {"CPU": GROUP_DRIVER_CPU}
     trainable = ray_tune.with_resources(trainable, resources)
-    listener = _Listener(setup, on_update, start_timeout_s,
+    listener = Listener(setup, on_update, start_timeout_s,
                          os.path.join(folder, TRIAL_RUNS) if plan.num_workers > 1 else None)
     LISTENERS[folder] = listener
     try:
@@ -371,9 +312,11 @@ def search(settings: Settings, tune: TuneSpec, where: str = "tune spec", resume:
     return report
 
 
-def _check_folder(folder: str, name: str, resume: bool) -> None:
+def check_search_folder(settings: Settings, name: str, resume: bool) -> str:
+    """The search's folder, checked against ``resume`` (no Ray needed: the CLI calls it before Ray starts)."""
     from ray.tune import Tuner
 
+    folder = search_folder(settings, name)
     exists = os.path.isdir(folder) and Tuner.can_restore(folder)
     if resume and not exists:
         raise ConfigError(f"no search {name!r} to resume under {os.path.dirname(folder)}",
@@ -381,6 +324,7 @@ def _check_folder(folder: str, name: str, resume: bool) -> None:
     if not resume and os.path.exists(folder):
         raise ConfigError(f"a search named {name!r} already exists ({folder})",
                           "continue it with --resume, give the spec another name, or delete that folder")
+    return folder
 
 
 def _new_tuner(settings: Settings, setup: TuneSetup, plan: TrainPlan, trainable: Any, folder: str) -> Any:
@@ -420,33 +364,3 @@ def _new_tuner(settings: Settings, setup: TuneSetup, plan: TrainPlan, trainable:
                              # Ray Train run, which ends with the actor that owns its controller.
                              reuse_actors=plan.num_workers == 1)
     return ray_tune.Tuner(trainable, param_space=space, tune_config=tune_config, run_config=run_config)
-
-
-def trial_checkpoint(result: Any) -> str | None:
-    """The folder of a trial's last checkpoint: Tune's own (one-worker trials), or the Ray Train
-    checkpoint a multi-worker trial reported (``checkpoint_path``, set by TuneReportCallback)."""
-    if result.checkpoint is not None:
-        return result.checkpoint.path
-    path = (result.metrics or {}).get("checkpoint_path")
-    return path if path and os.path.isdir(path) else None
-
-
-def read_search_state(folder: str) -> dict[str, Any]:
-    path = os.path.join(folder, STATE_FILE)
-    if not os.path.isfile(path):
-        return {}
-    with open(path, encoding="utf-8") as fh:
-        return json.load(fh)
-
-
-def write_search_state(folder: str, state: dict[str, Any]) -> None:
-    tmp = os.path.join(folder, STATE_FILE + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(state, fh, indent=2)
-    os.replace(tmp, os.path.join(folder, STATE_FILE))
-
-
-def remove_search(folder: str) -> None:
-    """Delete a search's folder (tests and `--restart`-like clean-ups)."""
-    shutil.rmtree(folder, ignore_errors=True)
-

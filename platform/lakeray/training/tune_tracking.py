@@ -13,6 +13,7 @@ search neither logs a child twice nor registers the best twice.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import tempfile
 import time
@@ -26,7 +27,9 @@ if TYPE_CHECKING:
     from lakeray.training.tune import TrialStatus, TuneReport
     from lakeray.training.tune_spec import TuneSetup
 
-__all__ = ["finish"]
+__all__ = ["finish", "trial_checkpoint", "read_search_state", "write_search_state", "STATE_FILE"]
+
+STATE_FILE = "lakeray_search.json"  # in the search folder: what was registered and logged
 
 
 def _trial_rows(results: Any, setup: TuneSetup, seen: list[TrialStatus]) -> list[tuple[TrialStatus, Any]]:
@@ -48,8 +51,6 @@ def _trial_rows(results: Any, setup: TuneSetup, seen: list[TrialStatus]) -> list
 
 
 def _best(rows: list[tuple[TrialStatus, Any]], setup: TuneSetup) -> tuple[TrialStatus, Any]:
-    from lakeray.training.tune import trial_checkpoint
-
     finished = [(t, r) for t, r in rows if t.final and t.metric is not None and trial_checkpoint(r) is not None]
     if not finished:
         errors = [r.error for _, r in rows if r.error is not None]
@@ -89,7 +90,7 @@ def finish(settings: Settings, setup: TuneSetup, plan: TrainPlan, folder: str, r
     from lakeray.training.api import outcome_of
     from lakeray.training.evaluate import evaluate
     from lakeray.training.runtime import LaunchResult, RunFolder, read_state
-    from lakeray.training.tune import TRIAL_RUNS, TuneReport, read_search_state, trial_checkpoint, write_search_state
+    from lakeray.training.tune import TRIAL_RUNS, TuneReport
     from lakeray.training.tune_spec import trial_spec
 
     rows = _trial_rows(results, setup, seen)
@@ -130,7 +131,6 @@ def _log(settings: Settings, setup: TuneSetup, folder: str, rows: list[tuple[Tri
     """Register the best (once), then the parent run and one child run per other trial (each once)."""
     from lakeray.registry import RegisteredModel, mlflow_client
     from lakeray.training.tracking import log_training
-    from lakeray.training.tune import write_search_state
 
     client = mlflow_client(settings)
     if state.get("registered"):
@@ -229,3 +229,27 @@ def _plot(path: str, setup: TuneSetup, rows: list[tuple[TrialStatus, Any]], best
                 label=f"best {trial.trial_id}" if is_best else None)
     ax.legend(loc="best")
     fig.savefig(path)
+
+
+def trial_checkpoint(result: Any) -> str | None:
+    """The folder of a trial's last checkpoint: Tune's own (one-worker trials), or the Ray Train
+    checkpoint a multi-worker trial reported (``checkpoint_path``, set by TuneReportCallback)."""
+    if result.checkpoint is not None:
+        return result.checkpoint.path
+    path = (result.metrics or {}).get("checkpoint_path")
+    return path if path and os.path.isdir(path) else None
+
+
+def read_search_state(folder: str) -> dict[str, Any]:
+    path = os.path.join(folder, STATE_FILE)
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def write_search_state(folder: str, state: dict[str, Any]) -> None:
+    tmp = os.path.join(folder, STATE_FILE + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(state, fh, indent=2)
+    os.replace(tmp, os.path.join(folder, STATE_FILE))

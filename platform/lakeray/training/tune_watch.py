@@ -1,4 +1,5 @@
-"""Tune hooks of a lakeray search: a callback feeding the live view, a stopper for the start deadline.
+"""Tune hooks of a lakeray search: a callback feeding the live view, a stopper for the start deadline,
+and the driver's :class:`Listener` they report to (trial rows, the start deadline, freed worker groups).
 
 Tune pickles both into the experiment folder (``tuner.pkl``) and ``Tuner.restore`` unpickles them, so
 they carry only the search's folder and look up the driver's live listener in :data:`LISTENERS`.
@@ -6,14 +7,21 @@ they carry only the search's folder and look up the driver's live listener in :d
 
 from __future__ import annotations
 
-from typing import Any
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from ray.tune import Callback
 from ray.tune.stopper import Stopper
 
-__all__ = ["LISTENERS", "Watch", "StartStopper"]
+if TYPE_CHECKING:
+    from lakeray.training.tune import TrialStatus
+    from lakeray.training.tune_spec import TuneSetup
 
-LISTENERS: dict[str, Any] = {}  # search folder → lakeray.training.tune._Listener of this driver
+__all__ = ["LISTENERS", "Listener", "Watch", "StartStopper"]
+
+LISTENERS: dict[str, Any] = {}  # search folder → the Listener of this driver
 
 
 class Watch(Callback):
@@ -43,3 +51,64 @@ class StartStopper(Stopper):
     def stop_all(self) -> bool:
         listener = LISTENERS.get(self.key)
         return bool(listener is not None and listener.timed_out)
+
+
+@dataclass
+class Listener:
+    """The driver's view of the search: rows for the live table, the start deadline, freed groups."""
+
+    setup: TuneSetup
+    on_update: Callable[[list[TrialStatus]], None] | None
+    start_timeout_s: float
+    group_runs: str | None = None  # multi-worker trials: where their Ray Train runs write progress
+    started: float = field(default_factory=time.monotonic)
+    any_started: bool = False
+    timed_out: bool = False
+    last: list[TrialStatus] = field(default_factory=list)
+    released: set[str] = field(default_factory=set)  # ended multi-worker trials whose group is freed
+
+    def _trial_started(self, row: TrialStatus) -> bool:
+        if row.state == "PENDING":
+            return False
+        if self.group_runs is None or row.rounds > 0:
+            return True
+        # A running multi-worker trial may still wait for its workers' placement group.
+        from lakeray.training.tune_group import group_started
+
+        return group_started(self.group_runs, row.trial_id)
+
+    def release(self, trial_ids: list[str]) -> list[str]:
+        """Free the worker groups of ended multi-worker trials (tune_group.release_group); those left."""
+        from lakeray.training.tune_group import release_group
+
+        for trial_id in trial_ids:
+            if self.group_runs is not None and trial_id not in self.released \
+                    and release_group(self.group_runs, trial_id):
+                self.released.add(trial_id)
+        return [t for t in trial_ids if t not in self.released]
+
+    def update(self, trials: list[Any]) -> None:
+        rows = [_status(t, self.setup) for t in trials]
+        if self.group_runs is not None:
+            self.release([r.trial_id for r in rows if r.state in ("TERMINATED", "ERROR")])
+        if self.timed_out or self.any_started:
+            pass  # the stopper ends the trials now: their new states say nothing about starting
+        elif any(self._trial_started(r) for r in rows):
+            self.any_started = True
+        elif time.monotonic() - self.started > self.start_timeout_s and trials:
+            self.timed_out = True
+        if rows != self.last:
+            self.last = rows
+            if self.on_update is not None:
+                self.on_update(rows)
+
+
+def _status(trial: Any, setup: TuneSetup) -> TrialStatus:
+    from lakeray.training.tune import TrialStatus
+
+    result = trial.last_result or {}
+    config = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in (trial.config or {}).items()}
+    rounds_cap = int(config.get("rounds", setup.base.model.rounds))
+    metric = result.get(setup.metric_key)
+    return TrialStatus(trial.trial_id, config, str(trial.status), int(result.get("rounds", 0) or 0),
+                       float(metric) if metric is not None else None, rounds_cap, bool(result.get("final")))
