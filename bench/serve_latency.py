@@ -90,6 +90,9 @@ def main() -> int:
                 deploy_s = time.perf_counter() - deploy_started
                 candidate = _both(f"{endpoint.url}/predict", body, args, endpoint.url)
                 health = healthz(endpoint.url)
+                # Where the time goes at c=64: the same app without the prediction log.
+                nolog = deploy_spec(settings, serve_spec("bench-nolog", "/nolog", log=False))
+                nolog_c64 = measure(f"{nolog.url}/predict", body, 64, args.seconds, warmup_s=2.0).as_dict()
                 fast_proxy = handle.fast_proxy
             print(f"lakeray: {candidate}", flush=True)
 
@@ -123,6 +126,8 @@ def main() -> int:
         f"c=64: lakeray scored {sizes['mean']:.1f} requests per predict on average (largest {sizes['max']}); plain "
         f"and default Serve score one request per predict. Default Serve queues in its proxy beyond "
         f"max_ongoing_requests 5.",
+        f"c=64 without the prediction log: {nolog_c64['rps']:.0f} req/s vs {lk['c64']['rps']:.0f} with it (appending "
+        "rows on the request path, Arrow conversion and a Delta commit every flush_rows in the replica's process).",
         f"the load generator ({tool}) runs on the same 2 cores as the server it measures.",
     ]
     result = {
@@ -142,6 +147,8 @@ def main() -> int:
         "lakeray_p50_ms": lk["c1"]["p50_ms"], "lakeray_p99_ms": lk["c1"]["p99_ms"], "lakeray_rps_c64": lk["c64"]["rps"],
         "plain_p50_ms": plain_p50, "plain_p99_ms": plain_p99, "plain_rps_c64": plain_rps,
         "default_serve_p50_ms": ds["c1"]["p50_ms"], "default_serve_rps_c64": ds["c64"]["rps"],
+        "lakeray_nolog_rps_c64": nolog_c64["rps"],
+        "log_throughput_ratio": round(lk["c64"]["rps"] / nolog_c64["rps"], 3),
         "batch_sizes": sizes,
         "prediction_log": health.get("prediction_log"),
         "in_process_ms": cost,
