@@ -150,15 +150,28 @@ def _plain_post(url: str, headers: dict | None = None):
 
 
 @pytest.fixture(scope="module")
-def ops_app(settings, xgb):
+def deployed(settings, ray_handle):
+    """The apps this module deploys. They are deleted together (test_delete_apps..., or here at the
+    end): with Serve's HAProxy ingress each retiring replica drains for at least 30 s, and the drains
+    of one config change run at once."""
+    from lakeray.serving.deploy import delete_apps, list_apps
+
+    names: list[str] = []
+    yield names
+    left = [n for n in names if n in {a.name for a in list_apps(settings)}]
+    if left:
+        delete_apps(settings, left)
+
+
+@pytest.fixture(scope="module")
+def ops_app(settings, xgb, deployed):
     """Two replicas of serving_ops v1 with bearer-token auth."""
-    from lakeray.serving.deploy import delete_app, deploy
+    from lakeray.serving.deploy import deploy
 
     spec = _spec("ops", "/ops", auth={"token_env": TOKEN_ENV},
                  autoscaling={"min_replicas": 2, "max_replicas": 2})
-    endpoint = deploy(settings, spec, environ={TOKEN_ENV: TOKEN})
-    yield endpoint
-    delete_app(settings, "ops")
+    deployed.append("ops")
+    return deploy(settings, spec, environ={TOKEN_ENV: TOKEN})
 
 
 def test_schemathesis_checks_all_over_the_live_openapi_find_nothing(ops_app, tmp_path):
@@ -229,40 +242,38 @@ def _running_replicas(settings, app: str) -> int:
     return found[app].replicas.get("RUNNING", 0) if app in found else 0
 
 
-def test_a_rolling_update_under_a_steady_stream_loses_no_request(settings, xgb):
+def test_a_rolling_update_under_a_steady_stream_loses_no_request(settings, xgb, deployed):
     from lakeray.registry import mlflow_client
-    from lakeray.serving.deploy import delete_app, deploy
+    from lakeray.serving.deploy import deploy
 
     v1, v2 = xgb
     client = mlflow_client(settings)
     client.set_registered_model_alias("serving_ops", "rolling", str(v1))
     spec = _spec("ops-roll", "/ops-roll", model="serving_ops@rolling")
+    deployed.append("ops-roll")
     endpoint = deploy(settings, spec)
-    try:
-        # Plain httpx, no retries at all: every request must get a 200.
-        with _Stream(_plain_post(endpoint.url), lambda: httpx.Client(timeout=60), threads=2,
-                     limit_s=240) as stream:  # a bound; it stops ~3 s after the rollout
-            stream.wait_for(20)
-            client.set_registered_model_alias("serving_ops", "rolling", str(v2))
-            rolling = time.monotonic()
-            rolled = deploy(settings, spec)  # the alias moved: the app is rebuilt and Serve rolls its replica
-            switched = time.monotonic()
-            time.sleep(3.0)
-            stream.wait_for(len(stream.answers) + len(stream.failures) + 30)
-        print(f"rolling update: {len(stream.answers)} answered, {len(stream.failures)} failed")
-        assert rolled.model_version == v2
-        phases = [sum(1 for t, _ in stream.failures if lo <= t < hi)
-                  for lo, hi in ((0, rolling), (rolling, switched), (switched, float("inf")))]
-        assert stream.failures == [], (len(stream.failures), "before/during/after the rollout", phases,
-                                       stream.failures[:3])
-        versions = [v for _, v in stream.answers]
-        assert versions[0] == v1 and v2 in versions, set(versions)
-        # Once the deploy returned (its health check saw v2), v2 answers; at most the requests already
-        # queued on the old replica finish on it.
-        late = [v for t, v in stream.answers if t > switched + 2.0]
-        assert late and set(late) == {v2}, (len(late), set(late))
-    finally:
-        delete_app(settings, "ops-roll")
+    # Plain httpx, no retries at all: every request must get a 200.
+    with _Stream(_plain_post(endpoint.url), lambda: httpx.Client(timeout=60), threads=2,
+                 limit_s=240) as stream:  # a bound; it stops ~3 s after the rollout
+        stream.wait_for(20)
+        client.set_registered_model_alias("serving_ops", "rolling", str(v2))
+        rolling = time.monotonic()
+        rolled = deploy(settings, spec)  # the alias moved: the app is rebuilt and Serve rolls its replica
+        switched = time.monotonic()
+        time.sleep(3.0)
+        stream.wait_for(len(stream.answers) + len(stream.failures) + 30)
+    print(f"rolling update: {len(stream.answers)} answered, {len(stream.failures)} failed")
+    assert rolled.model_version == v2
+    phases = [sum(1 for t, _ in stream.failures if lo <= t < hi)
+              for lo, hi in ((0, rolling), (rolling, switched), (switched, float("inf")))]
+    assert stream.failures == [], (len(stream.failures), "before/during/after the rollout", phases,
+                                   stream.failures[:3])
+    versions = [v for _, v in stream.answers]
+    assert versions[0] == v1 and v2 in versions, set(versions)
+    # Once the deploy returned (its health check saw v2), v2 answers; at most the requests already
+    # queued on the old replica finish on it.
+    late = [v for t, v in stream.answers if t > switched + 2.0]
+    assert late and set(late) == {v2}, (len(late), set(late))
 
 
 def test_replicas_that_cannot_fit_are_refused_before_deploy(settings, xgb):
@@ -282,32 +293,45 @@ def test_replicas_that_cannot_fit_are_refused_before_deploy(settings, xgb):
     assert {a.name for a in list_apps(settings)} == before  # nothing half-deployed
 
 
-def test_a_torch_model_trained_by_lakeray_is_served(settings, ops_table):
-    from lakeray.serving.deploy import delete_app, deploy
+def test_a_torch_model_trained_by_lakeray_is_served(settings, ops_table, deployed):
+    from lakeray.serving.deploy import deploy
     from lakeray.training.torch_trainer import predict_torch
 
     report = _train(settings, ops_table, "serving_ops_torch",
                     {"kind": "torch", "rounds": 2, "batch_size": 256, "learning_rate": 0.003, "seed": 5,
                      "params": {"hidden": [16, 8]}})
+    deployed.append("ops-torch")
     endpoint = deploy(settings, _spec("ops-torch", "/ops-torch", model="serving_ops_torch@champion"))
-    try:
-        rows = [_row(), _row(f0=2.0, channel="pos"), _row(f1=None, channel="unseen")]
-        reply = httpx.post(f"{endpoint.url}/predict", json={"instances": rows}, timeout=60)
-        assert reply.status_code == 200, reply.text
-        body = reply.json()
-        assert body["model"] == "serving_ops_torch" and body["model_version"] == report.model.version
-        health = httpx.get(f"{endpoint.url}/healthz", timeout=10).json()
-        assert health["kind"] == "torch"
-        # The same scores as the trained module on the same encoding (unseen category and null: missing).
-        plan = report.outcome.plan
-        vocab = plan.categorical["channel"]
-        x = np.array([[(vocab.index(r["channel"]) if r["channel"] in vocab else np.nan) if f == "channel"
-                       else (np.nan if r[f] is None else r[f]) for f in plan.features] for r in rows],
-                     dtype=np.float32)
-        expected = predict_torch(report.outcome.model, x).tolist()
-        assert body["predictions"] == pytest.approx(expected, rel=1e-4, abs=1e-6)
-    finally:
-        delete_app(settings, "ops-torch")
+    rows = [_row(), _row(f0=2.0, channel="pos"), _row(f1=None, channel="unseen")]
+    reply = httpx.post(f"{endpoint.url}/predict", json={"instances": rows}, timeout=60)
+    assert reply.status_code == 200, reply.text
+    body = reply.json()
+    assert body["model"] == "serving_ops_torch" and body["model_version"] == report.model.version
+    health = httpx.get(f"{endpoint.url}/healthz", timeout=10).json()
+    assert health["kind"] == "torch"
+    # The same scores as the trained module on the same encoding (unseen category and null: missing).
+    plan = report.outcome.plan
+    vocab = plan.categorical["channel"]
+    x = np.array([[(vocab.index(r["channel"]) if r["channel"] in vocab else np.nan) if f == "channel"
+                   else (np.nan if r[f] is None else r[f]) for f in plan.features] for r in rows],
+                 dtype=np.float32)
+    expected = predict_torch(report.outcome.model, x).tolist()
+    assert body["predictions"] == pytest.approx(expected, rel=1e-4, abs=1e-6)
+
+
+def test_delete_apps_removes_several_at_once_and_leaves_the_others(settings, ops_app, deployed):
+    from lakeray.serving.deploy import delete_apps, list_apps
+
+    before = {a.name for a in list_apps(settings)}
+    mine = [n for n in deployed if n in before]
+    assert "ops" in mine  # and whatever the earlier tests left
+    with pytest.raises(ConfigError, match="no app 'nope'"):
+        delete_apps(settings, [*mine, "nope"])  # nothing changes when one name is unknown
+    assert {a.name for a in list_apps(settings)} == before
+    started = time.monotonic()
+    delete_apps(settings, mine)
+    print(f"deleted {len(mine)} apps in {time.monotonic() - started:.1f} s")
+    assert {a.name for a in list_apps(settings)} == before - set(mine)
 
 
 def _user_env(**overrides: str) -> dict[str, str]:

@@ -239,12 +239,12 @@ def promote_cmd(ctx: click.Context, app: str) -> None:
 
 
 @serve.command("delete")
-@click.argument("app")
+@click.argument("apps", nargs=-1, required=True)
 @click.pass_context
-def delete_cmd(ctx: click.Context, app: str) -> None:
-    """Remove one app from the cluster's Serve; the others keep serving."""
-    from lakeray.serving.deploy import delete_app
+def delete_cmd(ctx: click.Context, apps: tuple[str, ...]) -> None:
+    """Remove apps from the cluster's Serve (several at once drain together); the others keep serving."""
+    from lakeray.serving.deploy import delete_apps
 
     with _cluster(ctx) as settings:
-        delete_app(settings, app)
-    click.echo(f"deleted {app}")
+        delete_apps(settings, list(apps))
+    click.echo(f"deleted {', '.join(apps)}")

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from lakeray.serving.spec import ServeSpec
 
 __all__ = ["Endpoint", "AppInfo", "deploy", "deploy_model", "promote_app", "list_apps", "app_status", "delete_app",
-           "spec_for_model", "endpoint_host", "APP_NAME"]
+           "delete_apps", "spec_for_model", "endpoint_host", "APP_NAME"]
 
 APP_NAME = "lakeray"
 _WILDCARD = ("0.0.0.0", "::", "")
@@ -298,6 +298,13 @@ def app_status(settings: Settings, name: str) -> dict[str, Any]:
 
 def delete_app(settings: Settings, name: str) -> None:
     """Remove one app (the others keep running); waits, bounded, until Serve has let it go."""
+    delete_apps(settings, [name])
+
+
+def delete_apps(settings: Settings, names: list[str]) -> None:
+    """Remove several apps with one config change, so their replicas drain together: with Serve's
+    HAProxy ingress a stopping replica drains for at least 30 s (RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S),
+    one app after another would pay that once each. Unknown names: ConfigError before anything changes."""
     from ray import serve
     from ray.serve.schema import ServeApplicationSchema
 
@@ -306,21 +313,25 @@ def delete_app(settings: Settings, name: str) -> None:
     client = _client_or_none()
     details = client.get_serve_details() if client is not None else {}
     apps = details.get("applications") or {}
-    if name not in apps:
-        raise ConfigError(f"no app {name!r} in this cluster's Serve (apps: {sorted(apps) or 'none'})",
-                          "`lakeray serve list` shows the apps")
-    if apps[name].get("source") == "declarative":
+    unknown = [n for n in names if n not in apps]
+    if unknown:
+        raise ConfigError(f"no app {', '.join(map(repr, unknown))} in this cluster's Serve "
+                          f"(apps: {sorted(apps) or 'none'})", "`lakeray serve list` shows the apps")
+    gone = set(names)
+    if any(apps[n].get("source") == "declarative" for n in gone):
         keep = [ServeApplicationSchema.model_validate(d["deployed_app_config"]) for n, d in apps.items()
-                if n != name and d.get("source") == "declarative" and d.get("deployed_app_config")]
-        client.deploy_apps(deploy_config(keep, settings, f"delete {name}"))
-    else:
-        serve.delete(name, _blocking=False)
+                if n not in gone and d.get("source") == "declarative" and d.get("deployed_app_config")]
+        client.deploy_apps(deploy_config(keep, settings, f"delete {', '.join(names)}"))
+    for name in gone:
+        if apps[name].get("source") != "declarative":
+            serve.delete(name, _blocking=False)
     deadline = time.monotonic() + settings.profile.ray.op_timeout_s
     while time.monotonic() < deadline:
-        if name not in serve.status().applications:
+        left = gone & set(serve.status().applications)
+        if not left:
             return
         time.sleep(0.25)
-    raise ClusterError(f"app {name!r} was still being deleted after {settings.profile.ray.op_timeout_s:.0f} s",
+    raise ClusterError(f"app(s) {sorted(left)} still being deleted after {settings.profile.ray.op_timeout_s:.0f} s",
                        "check `serve status` and the Serve logs")
 
 
