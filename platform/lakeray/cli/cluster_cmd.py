@@ -16,7 +16,8 @@ __all__ = ["cluster"]
 
 @click.group()
 def cluster() -> None:
-    """Ray + Spark clusters: a local one (up, status, down); validate launcher YAMLs and KubeRay manifests."""
+    """Ray + Spark clusters: a local one (up, status, down), several hosts (up --head, join); validate
+    launcher YAMLs and KubeRay manifests."""
 
 
 @cluster.command()
@@ -26,23 +27,89 @@ def cluster() -> None:
               help="Logical CPUs of the Ray head (default: cores + 2, as a private local Ray).")
 @click.option("--worker-cpus", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--no-spark", is_flag=True, default=False, help="Ray only: no Spark standalone master/worker.")
+@click.option("--head", "as_head", is_flag=True, default=False,
+              help="The head of several hosts: Ray and the Spark master listen on --address at fixed ports, "
+                   "other hosts run `lakeray cluster join ADDRESS`.")
+@click.option("--address", "node_ip", default=None, metavar="IP",
+              help="With --head: this host's address the other hosts reach (default: its primary address).")
+@click.option("--port", type=click.IntRange(1, 65535), default=None, help="With --head: Ray's port [6379].")
+@click.option("--spark-port", type=click.IntRange(1, 65535), default=None,
+              help="With --head: the Spark master's port [7077].")
+@click.option("--spark-ui-port", type=click.IntRange(1, 65535), default=None,
+              help="With --head: the Spark master UI's port [8080].")
+@click.option("--share-token", is_flag=True, default=False,
+              help="With --head: copy the head's Ray token to <storage root>/cluster/auth_token (mode 0600), "
+                   "so hosts sharing the storage root join without --token-file.")
 @click.pass_context
-def up(ctx: click.Context, workers: int, head_cpus: int | None, worker_cpus: int, no_spark: bool) -> None:
+def up(ctx: click.Context, workers: int, head_cpus: int | None, worker_cpus: int, no_spark: bool, as_head: bool,
+       node_ip: str | None, port: int | None, spark_port: int | None, spark_ui_port: int | None,
+       share_token: bool) -> None:
     """Start a local Ray head (dashboard + Jobs API on 127.0.0.1), worker nodes and a Spark standalone
-    master + worker; every lakeray command of this project then uses it instead of a private Ray."""
+    master + worker; every lakeray command of this project then uses it instead of a private Ray.
+    With --head, other hosts join it (`lakeray cluster join`)."""
     from lakeray.cluster.local_cluster import up as start
 
+    head_only = {"--address": node_ip, "--port": port, "--spark-port": spark_port,
+                 "--spark-ui-port": spark_ui_port, "--share-token": share_token or None}
+    if not as_head and any(v is not None for v in head_only.values()):
+        raise click.UsageError(f"{', '.join(k for k, v in head_only.items() if v is not None)} need(s) --head")
+    head_args = {}
+    if as_head:
+        from lakeray.cluster.hosts import RAY_PORT, SPARK_PORT, SPARK_UI_PORT, primary_address
+
+        head_args = {"node_ip": node_ip or primary_address(), "port": port or RAY_PORT,
+                     "spark_port": spark_port or SPARK_PORT, "spark_ui_port": spark_ui_port or SPARK_UI_PORT,
+                     "share_token": share_token}
     started = time.perf_counter()
     state = start(settings_from(ctx), workers=workers, head_cpus=head_cpus, worker_cpus=worker_cpus,
-                  spark=not no_spark)
+                  spark=not no_spark, **head_args)
     click.echo(f"cluster up in {time.perf_counter() - started:.1f} s")
     click.echo(f"  ray:       {state.ray_address} ({1 + state.worker_nodes} node(s)); dashboard + jobs API "
                f"{state.dashboard_url}")
     if state.spark_master_url:
         click.echo(f"  spark:     {state.spark_master_url} (UI {state.spark_ui_url}); use it with "
                    f"LAKERAY_SPARK__MASTER={state.spark_master_url}")
+    if as_head:
+        how = ("hosts sharing this storage root find its token there" if state.token_file else
+               "pass the head's token with --token-file (or RAY_AUTH_TOKEN_PATH)")
+        click.echo(f"  join:      `lakeray cluster join {state.ray_address}` on the other hosts; {how}")
     click.echo(f"  logs:      {state.log_dir}")
     click.echo("  stop it with `lakeray cluster down`")
+
+
+@cluster.command()
+@click.argument("head_address")
+@click.option("--address", "node_ip", default=None, metavar="IP",
+              help="This host's address the head reaches (default: its address on the route to the head).")
+@click.option("--cpus", type=click.IntRange(min=1), default=None, help="Logical CPUs of this Ray node [cores].")
+@click.option("--no-spark", is_flag=True, default=False, help="Ray only: no Spark worker.")
+@click.option("--spark-master", default=None, metavar="URL",
+              help="The Spark master to register with [the head's, spark://HEAD:7077].")
+@click.option("--spark-cores", type=click.IntRange(min=1), default=None, help="Cores of this Spark worker [cores].")
+@click.option("--spark-memory-mb", type=click.IntRange(min=512), default=None,
+              help="Memory of this Spark worker [a quarter of the host's].")
+@click.option("--token-file", type=click.Path(dir_okay=False), default=None,
+              help="A file holding the head's Ray token [RAY_AUTH_TOKEN(_PATH), the storage root's shared "
+                   "token, ~/.ray/auth_token]. Never printed.")
+@click.option("--timeout", "connect_timeout_s", type=click.FloatRange(min=1), default=10.0, show_default=True,
+              help="Seconds to wait for the head to answer.")
+@click.pass_context
+def join(ctx: click.Context, head_address: str, node_ip: str | None, cpus: int | None, no_spark: bool,
+         spark_master: str | None, spark_cores: int | None, spark_memory_mb: int | None, token_file: str | None,
+         connect_timeout_s: float) -> None:
+    """Join this host to the head at HEAD_ADDRESS (IP[:6379], started with `lakeray cluster up --head`):
+    a Ray worker node and a Spark worker registered with the head's master."""
+    from lakeray.cluster.hosts import join as join_head
+
+    started = time.perf_counter()
+    state = join_head(settings_from(ctx), head_address, node_ip=node_ip, cpus=cpus, spark=not no_spark,
+                      spark_master=spark_master, spark_cores=spark_cores, spark_memory_mb=spark_memory_mb,
+                      token_file_flag=token_file, connect_timeout_s=connect_timeout_s)
+    click.echo(f"joined {state.head_address} in {time.perf_counter() - started:.1f} s as {state.node_ip}: "
+               f"Ray node ({state.cpus} CPU(s))" + (f", Spark worker of {state.spark_master_url}"
+                                                    if state.spark_master_url else ""))
+    click.echo(f"  logs:      {state.log_dir}")
+    click.echo("  leave with `lakeray cluster down` on this host")
 
 
 @cluster.command()
@@ -77,10 +144,12 @@ def status(ctx: click.Context, as_json: bool) -> None:
 @cluster.command()
 @click.pass_context
 def down(ctx: click.Context) -> None:
-    """Stop exactly what `lakeray cluster up` started for this project."""
+    """Stop exactly what `lakeray cluster up` or `join` started on this host for this project."""
+    from lakeray.cluster.hosts import leave
     from lakeray.cluster.local_cluster import down as stop
 
-    stopped = stop(settings_from(ctx))
+    settings = settings_from(ctx)
+    stopped = leave(settings) + stop(settings)
     click.echo(f"cluster down: {len(stopped)} process(es) stopped" if stopped else "no lakeray cluster was running")
 
 

@@ -9,7 +9,10 @@ machine. While the state file names a live head, every lakeray command connects 
 starting a private Ray (``ray_runtime.start_ray``) and Spark sessions use its master
 (``lakehouse.spark``).
 
-Several hosts (``--head`` / ``join``), object storage and Ray on Spark are issue 14's later parts.
+``up(..., node_ip=IP)`` is the head of several hosts (``lakeray cluster up --head``): Ray and the Spark
+master listen on that address at fixed ports, and other hosts join it (``lakeray.cluster.hosts``). A
+host only ever stops processes of its own network namespace (on one machine, the test's hosts are
+network namespaces sharing one ``/proc``).
 """
 
 from __future__ import annotations
@@ -17,23 +20,38 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import signal
-import socket
-import subprocess
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from lakeray.cluster.processes import (
+    LOOPBACK,
+    agent_port_args,
+    answers,
+    bin_path,
+    current_token,
+    free_port,
+    is_local_address,
+    kill_ray_processes,
+    port_free,
+    ray_env,
+    run_logged,
+    spark_env,
+    spark_home,
+    spark_worker_command,
+    spark_worker_memory_mb,
+    start_jvm,
+    stop_spark,
+)
 from lakeray.errors import ClusterError, ConfigError
 
 if TYPE_CHECKING:
     from lakeray.config import Settings
 
-__all__ = ["ClusterState", "up", "down", "status", "running", "state_file"]
+__all__ = ["ClusterState", "up", "down", "status", "running", "state_file", "token_file", "temp_dir_for", "local_root",
+           "read_state"]
 
-_HOST = "127.0.0.1"
+_HOST = LOOPBACK
 
 
 @dataclass
@@ -51,15 +69,23 @@ class ClusterState:
     spark_pids: list[int] = field(default_factory=list)
     started_at: float = 0.0
     log_dir: str = ""
+    node_ip: str = _HOST  # the head's address; another host joins it there (loopback: this machine only)
+    token_file: str | None = None  # the head's token, shared under the storage root (`up --share-token`)
 
     def connect_kwargs(self) -> dict[str, Any]:
         """``ray.init`` arguments for a driver of this cluster. Call it before ``import ray``: an explicit
         address never turns Ray 2.60's token auth on by itself, and Ray reads RAY_AUTH_MODE once."""
         os.environ.setdefault("RAY_AUTH_MODE", "token")
+        # A host that joined through the shared storage root may have no ~/.ray/auth_token of its own;
+        # Ray's own RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH still win when the operator set them.
+        if (self.token_file and os.path.isfile(self.token_file)
+                and not (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"))):
+            os.environ["RAY_AUTH_TOKEN_PATH"] = self.token_file
         return {"address": self.ray_address}
 
 
-def _root(settings: Settings) -> str:
+def local_root(settings: Settings) -> str:
+    """The storage root as an absolute local folder: cluster state lives there (ConfigError otherwise)."""
     root = settings.storage_root
     if "://" in root:
         raise ConfigError(f"storage.root {root} is an object store; `lakeray cluster up` keeps its state in a "
@@ -68,25 +94,23 @@ def _root(settings: Settings) -> str:
 
 
 def state_file(settings: Settings) -> str:
-    return os.path.join(_root(settings), "cluster", "state.json")
+    return os.path.join(local_root(settings), "cluster", "state.json")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((_HOST, 0))
-        return sock.getsockname()[1]
+def token_file(settings: Settings) -> str:
+    """Where ``up --share-token`` puts the head's Ray token for hosts that share the storage root."""
+    return os.path.join(local_root(settings), "cluster", "auth_token")
 
 
-def _answers(address: str, timeout_s: float = 1.0) -> bool:
-    host, _, port = address.rpartition(":")
-    try:
-        with socket.create_connection((host, int(port)), timeout=timeout_s):
-            return True
-    except OSError:
-        return False
+def temp_dir_for(root: str, joined_ip: str | None = None) -> str:
+    """Ray's temp dir for this storage root's cluster (a joined host: one of its own, so that its `down`
+    finds its processes by it). Ray's socket paths must stay under 107 bytes: a short folder in /tmp
+    named by a hash, not one inside the storage root."""
+    key = root if joined_ip is None else f"{root}@{joined_ip}"
+    return f"/tmp/lakeray-ray{'' if joined_ip is None else 'j'}-{hashlib.sha1(key.encode()).hexdigest()[:8]}"
 
 
-def _read_state(settings: Settings) -> ClusterState | None:
+def read_state(settings: Settings) -> ClusterState | None:
     path = state_file(settings)
     if not os.path.isfile(path):
         return None
@@ -98,69 +122,23 @@ def running(settings: Settings) -> ClusterState | None:
     """The recorded cluster when its Ray head answers; None when there is none (or it died)."""
     if "://" in settings.storage_root:
         return None
-    state = _read_state(settings)
-    return state if state is not None and _answers(state.ray_address) else None
+    state = read_state(settings)
+    return state if state is not None and answers(state.ray_address) else None
 
 
-def _bin(name: str) -> str:
-    found = os.path.join(os.path.dirname(sys.executable), name)
-    return found if os.path.exists(found) else (shutil.which(name) or name)
-
-
-def _run(cmd: list[str], env: dict[str, str], log: str, timeout_s: float) -> None:
-    with open(log, "a", encoding="utf-8") as out:
-        out.write(f"$ {' '.join(cmd)}\n")
-        out.flush()
-        try:
-            done = subprocess.run(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            raise ClusterError(f"`{' '.join(cmd[:3])} ...` did not finish within {timeout_s:.0f} s",
-                               f"see {log}") from None
-    if done.returncode != 0:
-        with open(log, encoding="utf-8") as fh:
-            tail = fh.read()[-1500:]
-        raise ClusterError(f"`{' '.join(cmd[:3])} ...` failed (exit {done.returncode}): {tail.strip().splitlines()[-1]}",
-                           f"see {log}")
-
-
-def _ray_env() -> dict[str, str]:
-    env = dict(os.environ)
-    # A cluster started from a driver that set HAProxy ports for its own private Ray must not inherit
-    # them (DESIGN.md, traps): the cluster's Serve picks its own.
-    for key in [k for k in env if k.startswith("RAY_SERVE_HAPROXY_")]:
-        env.pop(key)
-    env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    env.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
-    # Ray 2.60 turns token auth on for a head by default (the token in ~/.ray/auth_token) but not for a
-    # node that joins: say it explicitly, for every node, unless the operator chose otherwise.
-    env.setdefault("RAY_AUTH_MODE", "token")
-    return env
-
-
-def _spark_home() -> str:
-    import pyspark
-
-    return os.path.dirname(pyspark.__file__)
-
-
-def _start_spark(state: ClusterState, cores: int, memory_mb: int, timeout_s: float) -> None:
+def _start_spark(state: ClusterState, cores: int, memory_mb: int, timeout_s: float,
+                 port: int | None = None, ui_port: int | None = None) -> None:
     """A standalone master and one worker, each a JVM in its own session (so `down` can stop it)."""
-    spark_class = os.path.join(_spark_home(), "bin", "spark-class")
-    port, ui_port, worker_ui = _free_port(), _free_port(), _free_port()
-    env = {**os.environ, "SPARK_HOME": _spark_home(), "SPARK_LOCAL_IP": _HOST, "SPARK_NO_DAEMONIZE": "1"}
-    master_url = f"spark://{_HOST}:{port}"
-    commands = [
-        ("spark-master", [spark_class, "org.apache.spark.deploy.master.Master", "--host", _HOST, "--port",
-                          str(port), "--webui-port", str(ui_port)]),
-        ("spark-worker", [spark_class, "org.apache.spark.deploy.worker.Worker", master_url, "--host", _HOST,
-                          "--cores", str(cores), "--memory", f"{memory_mb}m", "--webui-port", str(worker_ui)]),
-    ]
-    state.spark_master_url, state.spark_ui_url = master_url, f"http://{_HOST}:{ui_port}"
-    for name, cmd in commands:
-        out = open(os.path.join(state.log_dir, f"{name}.log"), "a", encoding="utf-8")  # noqa: SIM115
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        out.close()
-        state.spark_pids.append(proc.pid)
+    host = state.node_ip
+    port, ui_port = port or free_port(), ui_port or free_port()
+    env = spark_env(host)
+    master_url = f"spark://{host}:{port}"
+    master = [os.path.join(spark_home(), "bin", "spark-class"), "org.apache.spark.deploy.master.Master",
+              "--host", host, "--port", str(port), "--webui-port", str(ui_port)]
+    state.spark_master_url, state.spark_ui_url = master_url, f"http://{host}:{ui_port}"
+    for name, cmd in [("spark-master", master),
+                      ("spark-worker", spark_worker_command(master_url, host, cores, memory_mb))]:
+        state.spark_pids.append(start_jvm(cmd, env, os.path.join(state.log_dir, f"{name}.log")))
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         workers = _spark_workers(state)
@@ -183,42 +161,57 @@ def _spark_workers(state: ClusterState) -> list[dict[str, Any]]:
 
 
 def up(settings: Settings, workers: int = 0, head_cpus: int | None = None, worker_cpus: int = 1,
-       spark: bool = True, timeout_s: float = 120.0) -> ClusterState:
-    """Start the cluster and record it; ClusterError when one is already running here."""
+       spark: bool = True, timeout_s: float = 120.0, node_ip: str = _HOST, port: int | None = None,
+       spark_port: int | None = None, spark_ui_port: int | None = None, share_token: bool = False) -> ClusterState:
+    """Start the cluster and record it; ClusterError when one is already running here.
+
+    ``node_ip``: the head of several hosts listens there (``port``, ``spark_port``, ``spark_ui_port``
+    fixed, so other hosts know where to join); ``share_token`` copies the head's Ray token to
+    :func:`token_file` for hosts that share the storage root.
+    """
     existing = running(settings)
     if existing is not None:
+        joined = "" if is_local_address(existing.node_ip) else (
+            f"; join it from this host with `lakeray cluster join {existing.ray_address}`")
         raise ClusterError(f"a lakeray cluster is already running for {settings.storage_root} "
-                           f"(Ray at {existing.ray_address})", "`lakeray cluster status` shows it; "
-                           "`lakeray cluster down` stops it")
+                           f"(Ray at {existing.ray_address}){joined}", "`lakeray cluster status` shows it; "
+                           "`lakeray cluster down` on its head stops it")
+    if not is_local_address(node_ip):
+        raise ClusterError(f"{node_ip} is not an address of this host", "pass one of this host's addresses to --address")
+    for name, wanted in (("--port", port), ("--spark-port", spark_port), ("--spark-ui-port", spark_ui_port)):
+        if wanted is not None and not port_free(node_ip, wanted):
+            raise ClusterError(f"port {wanted} on {node_ip} is already taken ({name})",
+                               f"stop what listens there, or pick another with {name}")
     from lakeray.cluster.ray_runtime import local_num_cpus
 
-    root = _root(settings)
+    root = local_root(settings)
     folder = os.path.join(root, "cluster")
     os.makedirs(folder, exist_ok=True)
-    # Ray's socket paths must stay under 107 bytes: a short temp dir per storage root, not one inside it.
-    digest = hashlib.sha1(root.encode()).hexdigest()[:8]
-    temp_dir = f"/tmp/lakeray-ray-{digest}"
-    _kill_ray_processes(temp_dir)  # leftovers of a crashed earlier cluster of this root
+    temp_dir = temp_dir_for(root)
+    kill_ray_processes(temp_dir)  # leftovers of a crashed earlier cluster of this root
     head_cpus = head_cpus or local_num_cpus()
-    port, dashboard_port = _free_port(), _free_port()
-    state = ClusterState(ray_address=f"{_HOST}:{port}", dashboard_url=f"http://{_HOST}:{dashboard_port}",
+    port, dashboard_port = port or free_port(), free_port()
+    state = ClusterState(ray_address=f"{node_ip}:{port}", dashboard_url=f"http://{_HOST}:{dashboard_port}",
                          temp_dir=temp_dir, head_cpus=head_cpus, worker_nodes=workers, worker_cpus=worker_cpus,
-                         started_at=time.time(), log_dir=os.path.join(folder, "logs"))
+                         started_at=time.time(), log_dir=os.path.join(folder, "logs"), node_ip=node_ip)
     os.makedirs(state.log_dir, exist_ok=True)
     log = os.path.join(state.log_dir, "ray-start.log")
     try:
-        env = _ray_env()
-        # Ray registers the node under the machine's address whatever --node-ip-address says (and its
-        # GCS listens on every interface); the dashboard and the Jobs API are bound to loopback.
-        _run([_bin("ray"), "start", "--head", "--port", str(port),
-              "--include-dashboard", "true", "--dashboard-host", _HOST, "--dashboard-port", str(dashboard_port),
-              "--num-cpus", str(head_cpus), "--temp-dir", temp_dir, "--disable-usage-stats"], env, log, timeout_s)
+        env = ray_env(temp_dir)
+        # The dashboard and the Jobs API are bound to loopback (the head host's own). --node-ip-address:
+        # the address other hosts reach this node at (a loopback head is for this machine only).
+        ip_args = ["--node-ip-address", node_ip] if node_ip != _HOST else []
+        run_logged([bin_path("ray"), "start", "--head", "--port", str(port), *ip_args, "--include-dashboard", "true",
+                    "--dashboard-host", _HOST, "--dashboard-port", str(dashboard_port), *agent_port_args(),
+                    "--num-cpus", str(head_cpus), "--temp-dir", temp_dir, "--disable-usage-stats"], env, log, timeout_s)
         for _ in range(workers):
-            _run([_bin("ray"), "start", "--address", state.ray_address,
-                  "--num-cpus", str(worker_cpus), "--disable-usage-stats"], env, log, timeout_s)
+            run_logged([bin_path("ray"), "start", "--address", state.ray_address, *ip_args, *agent_port_args(),
+                        "--num-cpus", str(worker_cpus), "--disable-usage-stats"], env, log, timeout_s)
         if spark:
             cores = os.cpu_count() or 2
-            _start_spark(state, cores, _spark_worker_memory_mb(), timeout_s)
+            _start_spark(state, cores, spark_worker_memory_mb(), timeout_s, spark_port, spark_ui_port)
+        if share_token:
+            state.token_file = _share_token(settings)
     except BaseException:
         _stop(state)  # nothing half-started is left running
         raise
@@ -229,86 +222,34 @@ def up(settings: Settings, workers: int = 0, head_cpus: int | None = None, worke
     return state
 
 
-def _spark_worker_memory_mb() -> int:
-    with open("/proc/meminfo", encoding="utf-8") as fh:
-        total_kb = next(int(line.split()[1]) for line in fh if line.startswith("MemTotal"))
-    return max(1024, total_kb // 1024 // 4)  # a quarter of the machine: Ray and the driver need the rest
-
-
-def _ray_pids(temp_dir: str) -> list[int]:
-    """Processes of the cluster: every Ray process carries the temp dir (or its session folder) in its
-    command line."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as fh:
-                cmdline = fh.read().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if temp_dir in cmdline:
-            pids.append(int(entry))
-    return pids
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", encoding="utf-8") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-def _terminate(pids: list[int], grace_s: float = 10.0) -> list[int]:
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-    deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline and any(_alive(p) for p in pids):
-        time.sleep(0.2)
-    for pid in pids:
-        if _alive(pid):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-    return pids
-
-
-def _kill_ray_processes(temp_dir: str) -> list[int]:
-    return _terminate(_ray_pids(temp_dir))
+def _share_token(settings: Settings) -> str:
+    token = current_token()
+    if token is None:
+        raise ClusterError("--share-token: the head runs without a Ray token (RAY_AUTH_MODE is not token)",
+                           "drop --share-token, or start the head with token auth")
+    path = token_file(settings)
+    # Owner-only from the first byte: the token lets anyone who reads it run code on the cluster.
+    fd = os.open(path + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(token)
+    os.replace(path + ".tmp", path)
+    return path
 
 
 def _stop(state: ClusterState) -> list[int]:
-    stopped = []
-    for pid in state.spark_pids:
-        try:
-            os.killpg(pid, signal.SIGTERM)  # the JVM and anything it started (executors)
-            stopped.append(pid)
-        except ProcessLookupError:
-            pass
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and any(_alive(p) for p in state.spark_pids):
-        time.sleep(0.2)
-    for pid in state.spark_pids:
-        if _alive(pid):
-            try:
-                os.killpg(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-    return stopped + _kill_ray_processes(state.temp_dir)
+    return stop_spark(state.spark_pids) + kill_ray_processes(state.temp_dir)
 
 
 def down(settings: Settings) -> list[int]:
-    """Stop what ``up`` recorded (also when its head already died); the pids stopped. [] when none."""
-    state = _read_state(settings)
-    if state is None:
+    """Stop what ``up`` recorded (also when its head already died); the pids stopped. [] when none, or
+    when the head is another host sharing this storage root (that host's `down` stops it)."""
+    state = read_state(settings)
+    if state is None or not is_local_address(state.node_ip):
         return []
     stopped = _stop(state)
     os.remove(state_file(settings))
+    if state.token_file and os.path.isfile(state.token_file):
+        os.remove(state.token_file)
     return stopped
 
 

@@ -1,0 +1,265 @@
+"""Processes of a lakeray cluster on one host: start Ray and Spark daemons, find and stop them.
+
+Shared by the single-host cluster (``local_cluster``) and the hosts that join it (``hosts``). A host is
+what one network namespace sees: on one machine, the test's hosts are namespaces sharing /proc and /tmp.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+from lakeray.errors import ClusterError
+
+__all__ = ["LOOPBACK", "free_port", "is_local_address", "port_free", "answers", "bin_path", "run_logged",
+           "agent_port_args", "ray_env", "spark_home", "spark_worker_command", "spark_env",
+           "start_jvm", "current_token", "spark_worker_memory_mb", "ray_pids", "alive", "terminate",
+           "kill_ray_processes", "stop_spark"]
+
+LOOPBACK = "127.0.0.1"
+_TAG = "LAKERAY_CLUSTER_NODE"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((LOOPBACK, 0))
+        return sock.getsockname()[1]
+
+
+def is_local_address(ip: str) -> bool:
+    """True when ``ip`` belongs to this host (this network namespace): only then can a socket bind it."""
+    try:
+        with socket.socket() as sock:
+            sock.bind((ip, 0))
+        return True
+    except OSError:
+        return False
+
+
+def port_free(ip: str, port: int) -> bool:
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((ip, port))
+            return True
+        except OSError:
+            return False
+
+
+def answers(address: str, timeout_s: float = 1.0) -> bool:
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+
+def bin_path(name: str) -> str:
+    found = os.path.join(os.path.dirname(sys.executable), name)
+    return found if os.path.exists(found) else (shutil.which(name) or name)
+
+
+def run_logged(cmd: list[str], env: dict[str, str], log: str, timeout_s: float) -> None:
+    with open(log, "a", encoding="utf-8") as out:
+        out.write(f"$ {' '.join(cmd)}\n")
+        out.flush()
+        try:
+            done = subprocess.run(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            raise ClusterError(f"`{' '.join(cmd[:3])} ...` did not finish within {timeout_s:.0f} s",
+                               f"see {log}") from None
+    if done.returncode != 0:
+        with open(log, encoding="utf-8") as fh:
+            tail = fh.read()[-1500:]
+        raise ClusterError(f"`{' '.join(cmd[:3])} ...` failed (exit {done.returncode}): {tail.strip().splitlines()[-1]}",
+                           f"see {log}")
+
+
+def agent_port_args() -> list[str]:
+    """A free port for the node's dashboard agent (it serves the Jobs API's node side). Ray's default is
+    a fixed 52365: the first node of any other Ray on the machine holds it, and this node's job agent
+    then never starts."""
+    return ["--dashboard-agent-listen-port", str(free_port())]
+
+
+def ray_env(temp_dir: str) -> dict[str, str]:
+    """The environment of `ray start` for the node whose temp dir is ``temp_dir``."""
+    env = dict(os.environ)
+    env[_TAG] = temp_dir  # every process Ray starts inherits it: how `down` finds them all
+    # A cluster started from a driver that set HAProxy ports for its own private Ray must not inherit
+    # them (DESIGN.md, traps): the cluster's Serve picks its own.
+    for key in [k for k in env if k.startswith("RAY_SERVE_HAPROXY_")]:
+        env.pop(key)
+    env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    env.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    # Ray 2.60 turns token auth on for a head by default (the token in ~/.ray/auth_token) but not for a
+    # node that joins: say it explicitly, for every node, unless the operator chose otherwise.
+    env.setdefault("RAY_AUTH_MODE", "token")
+    # The raylet waits this long for its dashboard agent to start, then aborts the node ("The current
+    # node timed out during startup"). Ray's 15 s was too short on a loaded 2-core machine: the agent's
+    # imports alone took 17-26 s at a load of 25-40, and every `ray start` failed.
+    env.setdefault("RAY_agent_register_timeout_ms", "120000")
+    return env
+
+
+def spark_home() -> str:
+    import pyspark
+
+    return os.path.dirname(pyspark.__file__)
+
+
+def spark_worker_command(master_url: str, host: str, cores: int, memory_mb: int) -> list[str]:
+    return [os.path.join(spark_home(), "bin", "spark-class"), "org.apache.spark.deploy.worker.Worker", master_url,
+            "--host", host, "--cores", str(cores), "--memory", f"{memory_mb}m", "--webui-port", str(free_port())]
+
+
+def spark_env(host: str) -> dict[str, str]:
+    # SPARK_LOCAL_IP: a JVM binds and advertises this address, not whatever the hostname resolves to
+    # (on a host made as a network namespace, the hostname is the machine's).
+    return {**os.environ, "SPARK_HOME": spark_home(), "SPARK_LOCAL_IP": host, "SPARK_NO_DAEMONIZE": "1"}
+
+
+def start_jvm(cmd: list[str], env: dict[str, str], log: str) -> int:
+    """A Spark daemon in its own session, so `down` can stop it with whatever it started; its pid."""
+    with open(log, "a", encoding="utf-8") as out:
+        return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True).pid
+
+
+
+def current_token() -> str | None:
+    """The token this host's Ray uses, in Ray's own order: RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH,
+    ~/.ray/auth_token (``ray start --head`` writes that one when none exists)."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return os.environ["RAY_AUTH_TOKEN"].strip()
+    for path in (os.environ.get("RAY_AUTH_TOKEN_PATH"), os.path.expanduser("~/.ray/auth_token")):
+        if path and os.path.isfile(path):
+            with open(path, encoding="utf-8") as fh:
+                token = fh.read().strip()
+            if token:
+                return token
+    return None
+
+
+
+def spark_worker_memory_mb() -> int:
+    with open("/proc/meminfo", encoding="utf-8") as fh:
+        total_kb = next(int(line.split()[1]) for line in fh if line.startswith("MemTotal"))
+    return max(1024, total_kb // 1024 // 4)  # a quarter of the machine: Ray and the driver need the rest
+
+
+def _children() -> dict[int, list[int]]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat", encoding="utf-8") as fh:
+                    children.setdefault(int(fh.read().rsplit(")", 1)[1].split()[1]), []).append(int(entry))
+            except (OSError, ValueError, IndexError):
+                continue
+    return children
+
+
+def ray_pids(temp_dir: str) -> list[int]:
+    """Processes of the cluster on this host: those that carry the temp dir in their command line or
+    inherited the tag :func:`ray_env` sets, and everything below them. Ray's agents and workers rename
+    themselves (``ray::DashboardAgent``, ``ray::IDLE``), which overwrites both their command line and
+    their environment as /proc shows them: they are found as the raylet's children, before it stops.
+    Only this network namespace's: hosts made as namespaces of one machine share /proc (and /tmp), and
+    `down` on one must not stop another's."""
+    own_net = os.readlink("/proc/self/ns/net")
+    tag = f"{_TAG}={temp_dir}".encode() + b"\0"
+    found: set[int] = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                cmdline = fh.read().replace(b"\0", b" ").decode(errors="replace")
+            if temp_dir not in cmdline:
+                with open(f"/proc/{entry}/environ", "rb") as fh:
+                    if tag not in fh.read():
+                        continue
+            if os.readlink(f"/proc/{entry}/ns/net") == own_net:
+                found.add(int(entry))
+        except OSError:
+            continue
+    children, stack = _children(), list(found)
+    while stack:
+        for child in children.get(stack.pop(), []):
+            if child not in found and child != os.getpid():
+                found.add(child)
+                stack.append(child)
+    return sorted(found)
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def terminate(pids: list[int], grace_s: float = 10.0) -> list[int]:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline and any(alive(p) for p in pids):
+        time.sleep(0.2)
+    for pid in pids:
+        if alive(pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    return pids
+
+
+def kill_ray_processes(temp_dir: str) -> list[int]:
+    return terminate(ray_pids(temp_dir))
+
+
+def _group_members(pgid: int) -> list[int]:
+    members = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat", encoding="utf-8") as fh:
+                    fields = fh.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                members.append(int(entry))
+    return members
+
+
+def stop_spark(spark_pids: list[int]) -> list[int]:
+    """SIGTERM each daemon's process group (the JVM and what it started: executors, their Python
+    workers), SIGKILL whatever of a group is left after 10 s, the leader gone or not."""
+    stopped = []
+    for pid in spark_pids:
+        try:
+            os.killpg(pid, signal.SIGTERM)
+            stopped.append(pid)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(_group_members(p) for p in spark_pids):
+        time.sleep(0.2)
+    for pid in spark_pids:
+        if _group_members(pid):
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    return stopped
