@@ -50,6 +50,10 @@ def sc_flaky(sc_events):
         marker.write_text("failed once")
         raise RuntimeError("transient failure")
     return sc_events.select("user_id").distinct()
+
+@feature_job(name="sc_broken", inputs=["sc_events"], retries=1, retry_delay_s=0)
+def sc_broken(sc_events):
+    raise ValueError("bad row in sc_events")
 '''
 
 
@@ -178,6 +182,52 @@ def test_retry_policy_reruns_a_failed_job_through_the_runner(project, dagster_en
     assert [e["status"] for e in read_ledger(project, "sc_flaky")] == ["failed", "committed"]
 
 
+def test_a_run_failing_after_its_last_retry_posts_the_webhook(project, dagster_env):
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    import dagster as dg
+
+    from lakeray.scheduler.alerts import failure_sensor, send_alert
+    from lakeray.scheduler.plan import Alerts
+
+    received = []
+
+    class Hook(BaseHTTPRequestHandler):
+        def do_POST(self):
+            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Hook)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        defs, instance = dagster_env
+        result = dg.materialize([defs.resolve_assets_def("sc_broken")], instance=instance, raise_on_error=False,
+                                tags={"lakeray/schedule": "sc_broken_schedule"})
+        assert not result.success
+        # Both attempts went through the runner and failed; then the run failed.
+        assert [e["status"] for e in read_ledger(project, "sc_broken")] == ["failed", "failed"]
+        alerts = Alerts(webhook=f"http://127.0.0.1:{server.server_address[1]}/hook", timeout_s=5)
+        sensor = failure_sensor(alerts)
+        context = dg.build_run_status_sensor_context(
+            sensor_name=sensor.name, dagster_event=result.get_run_failure_event(), dagster_instance=instance,
+            dagster_run=result.dagster_run).for_run_failure()
+        sensor(context)
+        (alert,) = received
+        assert alert["event"] == "lakeray.run_failed" and alert["run_id"] == result.run_id
+        assert alert["schedule"] == "sc_broken_schedule" and alert["failed"] == ["sc_broken"]
+        assert "bad row in sc_events" in alert["error"]
+        # A run Dagster will re-execute (its worker crashed) is not reported yet.
+        retried = result.dagster_run.with_tags({**result.dagster_run.tags, "dagster/will_retry": "true"})
+        assert send_alert(alerts, retried, "worker died") is False and len(received) == 1
+    finally:
+        server.shutdown()
+
+
 def _get(url: str, body: dict | None = None) -> dict | int:
     data = None if body is None else json.dumps(body).encode()
     request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
@@ -205,7 +255,7 @@ def test_scheduler_start_status_stop(tmp_path):
         nodes = _get(info["url"] + "/graphql", {"query": query})["data"]["assetNodes"]
         graph = {n["assetKey"]["path"][0]: sorted(d["path"][0] for d in n["dependencyKeys"]) for n in nodes}
         assert graph == {"sc_events": [], "sc_clean": ["sc_events"], "sc_totals": ["sc_clean"],
-                         "sc_daily": ["sc_events"], "sc_flaky": ["sc_events"]}
+                         "sc_daily": ["sc_events"], "sc_flaky": ["sc_events"], "sc_broken": ["sc_events"]}
         # The daemon is up: its scheduler heartbeats into the project's SQLite storage.
         health = "{ instance { daemonHealth { daemonStatus(daemonType: \"SCHEDULER\") { healthy } } } }"
         deadline = time.monotonic() + 90

@@ -45,6 +45,7 @@ def test_plan_orders_by_inputs_and_runs_unscheduled_downstream_jobs_in_the_same_
     settings = project(tmp_path, schedules="""
         schedules:
           - {name: retrain, train: specs/train.yaml, cron: "0 3 * * 1", after: [p_totals], timeout_s: 900}
+        alerts: {webhook: "http://127.0.0.1:9/hook"}
     """)
     plan = load_plan(settings)
     assert plan.external == ("p_events",)
@@ -57,6 +58,15 @@ def test_plan_orders_by_inputs_and_runs_unscheduled_downstream_jobs_in_the_same_
     assert plan.run_timeout(clean) == 90 and plan.run_retries(clean) == 2
     assert by_name["p_daily_schedule"].partitioned and by_name["p_daily_schedule"].tasks == ("p_daily",)
     assert plan.tasks["retrain"].kind == "train" and plan.tasks["retrain"].deps == ("p_totals",)
+    assert plan.alerts is not None and plan.alerts.webhook == "http://127.0.0.1:9/hook"
+    import dagster as dg
+
+    from lakeray.scheduler.assets import build_definitions
+
+    defs = build_definitions(settings, plan)
+    dg.Definitions.validate_loadable(defs)
+    assert [s.name for s in defs.sensors] == ["lakeray_failure_webhook"]
+    assert defs.resolve_assets_def("retrain").group_names_by_key[dg.AssetKey("retrain")] == "train"
     # Next runs come in the schedule's zone, across the DST change (Berlin: 02:00 +01:00 → +02:00).
     runs = next_runs(by_name["p_daily_schedule"], 2, dt.datetime(2026, 3, 28, 12, tzinfo=dt.timezone.utc))
     assert [r.isoformat() for r in runs] == ["2026-03-29T03:00:00+02:00", "2026-03-30T02:00:00+02:00"]
@@ -106,6 +116,7 @@ def p_bad(p_events):
     ('{name: s1, feature: p_totals, train: x.yaml, cron: "@hourly"}', r"exactly one of feature, train, serve"),
     ('{name: s1, train: missing.yaml, cron: "@hourly"}', r"s1: train: spec file .*missing.yaml does not exist"),
     ('{name: s1, feature: p_totals, cron: "@hourly", every: 2}', r"schedules.0.every: unknown key"),
+    ('{name: s1, feature: p_totals, cron: "@hourly"}\nalerts: {webhook: "ftp://x"}', r"alerts.webhook: String should match"),
     ('{name: s1, feature: p_clean_x, cron: "@hourly"}', r"no feature job named 'p_clean_x' \(known: p_clean, p_daily"),
 ])
 def test_bad_schedule_entries_fail_naming_entry_and_field(tmp_path, entry, message):

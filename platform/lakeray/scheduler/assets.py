@@ -252,5 +252,10 @@ def build_definitions(settings: Settings, plan: Plan | None = None, spark: Spark
     assets += [_feature_asset(t) if t.kind == "feature" else _spec_asset(t) for t in plan.tasks.values()]
     resource = dg.ResourceDefinition.hardcoded_resource(Runtime(settings, spark)) if spark is not None \
         else _runtime_resource(settings)
-    return dg.Definitions(assets=assets, schedules=[_schedule_def(plan, s) for s in plan.schedules],
+    sensors = []
+    if plan.alerts is not None:
+        from lakeray.scheduler.alerts import failure_sensor
+
+        sensors.append(failure_sensor(plan.alerts))
+    return dg.Definitions(assets=assets, schedules=[_schedule_def(plan, s) for s in plan.schedules], sensors=sensors,
                           resources={"lakeray": resource}, executor=dg.in_process_executor)

@@ -23,7 +23,7 @@ from lakeray.features.spec import check_cron, check_timezone
 if TYPE_CHECKING:
     from lakeray.config import Settings
 
-__all__ = ["Task", "Schedule", "Plan", "ScheduleEntry", "load_plan", "next_runs", "schedules_file"]
+__all__ = ["Task", "Schedule", "Plan", "ScheduleEntry", "Alerts", "load_plan", "next_runs", "schedules_file"]
 
 SCHEDULES_FILE = "jobs/schedules.yaml"
 
@@ -66,10 +66,20 @@ class ScheduleEntry(BaseModel):
         return self
 
 
+class Alerts(BaseModel):
+    """``alerts:`` in jobs/schedules.yaml: where a run that failed after its last retry is reported."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    webhook: str = Field(pattern=r"^https?://\S+$", description="URL that gets a JSON POST per failed run.")
+    timeout_s: float = Field(10.0, gt=0, le=120, description="Timeout of one webhook call.")
+
+
 class _SchedulesFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     schedules: list[ScheduleEntry] = Field(default_factory=list, description="The schedules.")
+    alerts: Alerts | None = Field(None, description="Failure alerts (a webhook).")
 
 
 @dataclass(frozen=True)
@@ -107,6 +117,7 @@ class Plan:
     schedules: list[Schedule]
     external: tuple[str, ...] = ()  # input tables no task writes (source assets)
     sources: dict[str, str] = field(default_factory=dict)  # task → where its schedule is declared
+    alerts: Alerts | None = None
 
     def run_timeout(self, schedule: Schedule) -> float | None:
         """A run's limit: the sum of its tasks' timeouts, when every task declares one."""
@@ -124,12 +135,12 @@ def schedules_file(settings: Settings) -> Path:
     return settings.project_dir / SCHEDULES_FILE
 
 
-def _read_entries(settings: Settings) -> list[ScheduleEntry]:
+def _read_file(settings: Settings) -> _SchedulesFile:
     from lakeray.config import parse_spec, read_spec_file
 
     path = schedules_file(settings)
     if not path.is_file():
-        return []
+        return _SchedulesFile()
     data = read_spec_file(path, "schedules file", SCHEDULES_FILE)
     parsed = parse_spec(_SchedulesFile, data if data is not None else {}, SCHEDULES_FILE, SCHEDULES_FILE,
                         "fix the schedule entry (docs/scheduling.md lists the keys)", "docs/scheduling.md")
@@ -137,7 +148,7 @@ def _read_entries(settings: Settings) -> list[ScheduleEntry]:
     if len(set(names)) != len(names):
         twice = sorted({n for n in names if names.count(n) > 1})
         raise ConfigError(f"{SCHEDULES_FILE}: schedule name(s) {twice} used twice", "give each entry its own name")
-    return parsed.schedules
+    return parsed
 
 
 def _order(deps: dict[str, tuple[str, ...]]) -> list[str]:
@@ -182,7 +193,8 @@ def load_plan(settings: Settings) -> Plan:
                                job.description, job.owner)
         if job.schedule is not None:
             declared[job.name] = (job.schedule, job.timezone, job.catchup, job.source, f"{job.name}_schedule")
-    for entry in _read_entries(settings):
+    spec_file = _read_file(settings)
+    for entry in spec_file.schedules:
         where = f"{SCHEDULES_FILE}: {entry.name}"
         extra = dict(retries=entry.retries, retry_delay_s=entry.retry_delay_s, timeout_s=entry.timeout_s)
         if entry.feature is not None:
@@ -216,7 +228,7 @@ def load_plan(settings: Settings) -> Plan:
     order = _order({name: task.deps for name, task in tasks.items()})
     tasks = {name: tasks[name] for name in order}
     external = tuple(sorted({d for t in tasks.values() for d in t.deps if d not in tasks}))
-    return Plan(tasks, _group(tasks, declared), external, {t: d[3] for t, d in declared.items()})
+    return Plan(tasks, _group(tasks, declared), external, {t: d[3] for t, d in declared.items()}, spec_file.alerts)
 
 
 def _group(tasks: dict[str, Task], declared: dict[str, tuple[str, str, str, str, str]]) -> list[Schedule]:
