@@ -9,6 +9,7 @@ Method (one run, the same registered XGBoost model on 30 features, the same one-
      HTTP proxy, 1 replica, max_ongoing_requests 5), then stopped.
   4. lakeray: ``deploy()`` of a ServeSpec with the shipped defaults (HAProxy ingress and throughput-
      optimised mode from the profile, @serve.batch 64, the Delta prediction log on), one replica.
+  5. The same lakeray app without the prediction log, at 64 connections (what the log costs).
   Each server: p50/p99 at concurrency 1 and requests/s at 64 (wrk, or bench/loadgen.py's client),
   each after a warm-up run. Bounded: every run by time and request count, loopback only.
 
