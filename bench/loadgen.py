@@ -47,6 +47,9 @@ class LoadResult:
     p90_ms: float
     p99_ms: float
     max_ms: float
+    # Share of the machine's CPU that processes outside the benchmark's tree used during the run (set by
+    # the caller: bench/servelib.py's measure), None when not read.
+    other_cpu_share: float | None = None
 
     def as_dict(self) -> dict:
         return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in asdict(self).items()}

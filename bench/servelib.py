@@ -150,9 +150,16 @@ def serve_spec(name: str, route: str, *, max_batch_size: int = 64, wait_timeout_
 def measure(url: str, body: bytes, concurrency: int, duration_s: float, warmup_s: float = 1.0,
             max_requests: int = 100_000) -> LoadResult:
     """A warm-up run (discarded: connections, caches, the JIT of nothing) then the measured one."""
+    from proctree import OtherLoad
+
     if warmup_s > 0:
         run_load(url, body, concurrency, warmup_s, max_requests)
-    return run_load(url, body, concurrency, duration_s, max_requests)
+    # Read here, while every server of the run is alive in this process tree: the whole-run share also
+    # counts the CPU of stopped (reparented) Ray processes of the run as other load.
+    others = OtherLoad()
+    result = run_load(url, body, concurrency, duration_s, max_requests)
+    result.other_cpu_share = others.share()
+    return result
 
 
 def healthz(base_url: str) -> dict:
