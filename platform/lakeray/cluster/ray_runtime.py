@@ -296,9 +296,19 @@ def start_ray(settings: Settings) -> RayHandle:
     except BaseException as exc:
         if restore is not None:
             restore()
+        where = address or "a local Ray"
+        if isinstance(exc, Exception) and "timed out during startup" in str(exc):
+            # Ray raises a bare Exception when its raylet misses a fixed 30 s registration window: on a
+            # machine this busy a private Ray cannot start; a long-lived cluster pays the start once.
+            import ray
+
+            ray.shutdown()
+            raise ClusterError(f"could not start {where}: Ray's node did not register within its 30 s "
+                               "start-up window (the machine is overloaded)",
+                               "retry when the load is lower, or start the Ray once with `lakeray cluster up` "
+                               "so commands connect to it") from None
         if not isinstance(exc, (ConnectionError, TimeoutError, RuntimeError)):
             raise
-        where = address or "a local Ray"
         raise ClusterError(
             f"could not start or reach {where}: {exc}",
             "check ray.address in lakeray.yaml (ray://host:10001) or leave it empty for a local Ray",
