@@ -244,7 +244,18 @@ def test_scheduler_start_status_stop(tmp_path):
         return subprocess.run([sys.executable, "-c", "from lakeray.cli.main import main; main()", *args],
                               cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
 
+    # A run a crashed scheduler left "in progress" in the project's storage.
+    import dagster as dg
+    from dagster._core.test_utils import create_run_for_test
+
+    home = tmp_path / "lakehouse" / "_dagster"
+    home.mkdir(parents=True)
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        orphan = create_run_for_test(instance, job_name="sc_clean_schedule_job", status=dg.DagsterRunStatus.STARTED,
+                                     tags={"lakeray/schedule": "sc_clean_schedule"}).run_id
     started = lakeray("scheduler", "start")
+    with dg.DagsterInstance.from_config(str(home)) as instance:  # failed, so run retries can re-execute it
+        assert instance.get_run_by_id(orphan).status == dg.DagsterRunStatus.FAILURE
     try:
         assert started.returncode == 0, started.stderr
         info = json.loads(lakeray("scheduler", "status", "--json").stdout)

@@ -141,6 +141,8 @@ def start(settings: Settings, port: int | None = None, wait_s: float = 180.0) ->
                                 or _ours(current.webserver_pid, "dagster-webserver")):
         raise ClusterError(f"the scheduler already runs for this project ({current.url})",
                            "`lakeray scheduler stop` first, or use the running one")
+    if current is not None:  # a daemon killed alone leaves its code server and run worker in its group
+        _stop_groups([pid for pid in (current.daemon_pid, current.webserver_pid) if _group_has_others(pid)], 15.0)
     dg.Definitions.validate_loadable(build_definitions(settings))  # a bad declaration fails here, not in the daemon
     home = dagster_home(settings)
     logs = home / _LOGS
@@ -149,8 +151,8 @@ def start(settings: Settings, port: int | None = None, wait_s: float = 180.0) ->
     # Create the SQLite storages once, here: the daemon and the webserver creating them at the same
     # moment can lose the race and exit.
     with dg.DagsterInstance.from_config(str(home)) as instance:
-        instance.get_runs(limit=1)
         instance.all_instigator_state()
+        _fail_orphaned_runs(instance)
     workspace = home / "workspace.yaml"
     workspace.write_text(_WORKSPACE_YAML.format(project_dir=json.dumps(str(settings.project_dir))))
     config = "" if settings.source.startswith("<") else str(Path(settings.source).resolve())
@@ -188,6 +190,20 @@ def start(settings: Settings, port: int | None = None, wait_s: float = 180.0) ->
         what = f"{', '.join(dead)} exited" if dead else f"the UI did not answer on {url} within {wait_s:.0f} s"
         raise ClusterError(f"the scheduler did not start: {what} ({tail})", f"read {log}")
     return state
+
+
+def _fail_orphaned_runs(instance: object) -> None:
+    """Mark runs a dead scheduler left in progress as failed, so Dagster's run retries re-execute them.
+
+    Every run worker is in the old daemon's process group, and that group is gone by now. Run monitoring
+    does not notice a lost worker of the default run launcher, and with one run at a time such a run
+    would hold the queue forever.
+    """
+    import dagster as dg
+
+    for run in instance.get_runs(dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED])):
+        instance.report_run_failed(run, "the scheduler stopped while this run was in progress; "
+                                        "found by `lakeray scheduler start`")
 
 
 def stop(settings: Settings, timeout_s: float = 15.0) -> list[int]:
