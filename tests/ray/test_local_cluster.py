@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, alive
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -37,14 +37,6 @@ def _processes_with(text: str) -> list[int]:
             if text in cmdline and not zombie:
                 found.append(int(entry))
     return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", encoding="utf-8") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def test_up_status_use_and_down_leave_nothing_behind(tmp_path):
@@ -83,7 +75,7 @@ def test_up_status_use_and_down_leave_nothing_behind(tmp_path):
         stopped = _cli(root, "down")
     assert stopped.returncode == 0 and "stopped" in stopped.stdout, stopped.stderr
     assert not _processes_with(state["temp_dir"])
-    assert not any(_alive(pid) for pid in state["spark_pids"])
+    assert not any(alive(pid) for pid in state["spark_pids"])
     assert not (root / "cluster" / "state.json").exists()
     # After down, status says there is none (exit 1) and a second down is a no-op.
     assert _cli(root, "status").returncode == 1

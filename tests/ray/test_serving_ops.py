@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 from lakeray.errors import ConfigError
-from tests.conftest import descendants, free_port
+from tests.conftest import alive, descendants, free_port
 
 pytestmark = [pytest.mark.ray]
 
@@ -349,14 +349,6 @@ def _port_open(port: int) -> bool:
         return False
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", encoding="utf-8") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def test_foreground_serve_stops_cleanly_on_sigterm(lakehouse_root, xgb, tmp_path):
     # A private local Ray (no ray.address, no `lakeray cluster up`): SIGTERM must shut Serve and that
     # Ray down, exit 0 like Ctrl-C, print no stack dump, and free the port.
@@ -388,6 +380,6 @@ def test_foreground_serve_stops_cleanly_on_sigterm(lakehouse_root, xgb, tmp_path
     assert "stopping the endpoint and Ray" in out.read_text()
     assert not _port_open(port)
     deadline = time.monotonic() + 30  # Ray's daemons exit on their own once the driver stopped them
-    while any(_alive(pid) for pid in ray_processes) and time.monotonic() < deadline:
+    while any(alive(pid) for pid in ray_processes) and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert not [pid for pid in ray_processes if _alive(pid)]
+    assert not [pid for pid in ray_processes if alive(pid)]
