@@ -10,7 +10,7 @@ STAMP := $(VENV)/.lakeray-installed
 export SPARK_LOCAL_IP ?= 127.0.0.1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup demo test test-quick bench bench-tools lint lock clean
+.PHONY: setup demo test test-quick bench bench-tools cluster-tools lint lock clean
 
 # `lakeray setup` runs every time: a ~0.3 s no-op once the jars are in the per-user cache
 # (~/.cache/lakeray/jars, or $LAKERAY_CACHE/jars), which lives outside the project so make cannot stamp it.
@@ -61,6 +61,13 @@ bench-tools:
 	  || $(SUDO) apt-get install -y -q --no-install-recommends wrk \
 	  || ($(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q --no-install-recommends wrk) \
 	  || echo "bench-tools: could not install wrk; the serve benchmarks use bench/loadgen.py's Python client"
+
+# sshd and rsync (Debian's packages) for tests/ray/test_ray_up_local.py: `ray up` with the launcher's local
+# provider SSHes into network-namespace hosts and rsyncs file_mounts. Installed only when missing.
+cluster-tools:
+	@{ test -x /usr/sbin/sshd && command -v rsync >/dev/null; } || ! command -v apt-get >/dev/null \
+	  || $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends openssh-server rsync \
+	  || ($(SUDO) apt-get update -q && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends openssh-server rsync)
 
 lint: setup
 	$(VENV)/bin/lint-imports

@@ -1,0 +1,214 @@
+"""`ray up` / `ray exec` / `ray down` with the Ray cluster launcher's `local` provider, running the shipped
+cluster/local.yaml's own setup, start and teardown commands over SSH against two hosts: network
+namespaces of this machine, each with an sshd (Debian's openssh-server, `make cluster-tools`).
+
+Each host is a network namespace plus private mount and PID namespaces: its own /root (the SSH user's
+home, where the launcher syncs the checkout and the YAML puts ~/lakeray-venv) and its own /tmp, so
+`ray stop` and the Spark pid files see only that host, as on separate machines.
+
+Test simplifications: the hosts share this machine's filesystem, so ~/lakeray-venv is this checkout's
+.venv (already provisioned from requirements.lock, recorded as the YAML's lock marker) and the jar cache
+is shared; the YAML's setup commands run for real and find Java, the venv and the lock in place.
+`ray up` runs inside the head's namespace (the operator's machine is the head here).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from tests.conftest import REPO
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+VENV = REPO / ".venv"
+RAY = os.path.join(os.path.dirname(sys.executable), "ray")
+SUBNET = 50 + os.getpid() % 20  # 10.77.50-69.0/24: apart from test_multi_host's 70-89
+HEAD_IP, WORKER_IP = f"10.77.{SUBNET}.1", f"10.77.{SUBNET}.2"
+TAG = f"ru{os.getpid() % 100000}"
+HEAD_NS, WORKER_NS = f"{TAG}h", f"{TAG}w"
+CLUSTER = f"lakeray-local-{TAG}"
+# The worker's raylet exits once the GCS is gone (after `ray down` stops the head) after this many
+# seconds (Ray's default 60); passed to every SSH session of both hosts.
+SSH_ENV = {"RAY_gcs_rpc_server_reconnect_timeout_s": "10"}
+# This machine's folders under /root that the hosts' own /root still shows: the jar cache, and the Python
+# the venv was made from (pyenv's).
+SHARED_IN_HOME = (".cache/lakeray", ".pyenv")
+# What docs/cluster.md tells the operator to set for `ray up` with this provider: autoscaler v1 (ray up's
+# default v2 does not launch the local provider's workers in Ray 2.60, see the docs).
+UP_ENV = {"RAY_UP_enable_autoscaler_v2": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+DAEMONS = ("raylet", "gcs_server", "org.apache.spark.deploy")
+
+
+def _sh(*cmd: str) -> None:
+    subprocess.run(cmd, check=True, capture_output=True, timeout=30)
+
+
+def _net_ns(ns: str) -> str:
+    return subprocess.run(["ip", "netns", "exec", ns, "readlink", "/proc/self/ns/net"], capture_output=True,
+                          text=True, timeout=30, check=True).stdout.strip()
+
+
+def _cmdlines_in(net: str) -> dict[int, str]:
+    found = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.readlink(f"/proc/{entry}/ns/net") == net:
+                    with open(f"/proc/{entry}/stat", encoding="utf-8") as fh:
+                        if fh.read().rsplit(")", 1)[1].split()[0] == "Z":
+                            continue
+                    with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                        found[int(entry)] = fh.read().replace(bytes(1), b" ").decode(errors="replace")
+            except OSError:
+                continue
+    return found
+
+
+def _daemons_in(net: str) -> list[str]:
+    return [cmd[:160] for cmd in _cmdlines_in(net).values() if any(d in cmd for d in DAEMONS)]
+
+
+def _host_home(base, key_pub: str, ip: str):
+    """The SSH user's home for one host: authorized key, sshd config and host key, the venv."""
+    home = base / "home"
+    (home / ".ssh").mkdir(parents=True, mode=0o700)
+    (home / ".ssh" / "authorized_keys").write_text(key_pub)
+    (home / ".ssh" / "authorized_keys").chmod(0o600)
+    (home / ".sshd").mkdir(mode=0o700)
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(home / ".sshd" / "host_key")],
+                   check=True, capture_output=True, timeout=30)
+    env_lines = "".join(f"SetEnv {k}={v}\n" for k, v in SSH_ENV.items())
+    (home / ".sshd" / "sshd_config").write_text(
+        f"ListenAddress {ip}\nPort 22\nHostKey /root/.sshd/host_key\nPidFile none\nUsePAM no\n"
+        "PermitRootLogin prohibit-password\nPubkeyAuthentication yes\nPasswordAuthentication no\n"
+        "KbdInteractiveAuthentication no\nAuthorizedKeysFile /root/.ssh/authorized_keys\nStrictModes no\n"
+        f"{env_lines}")
+    # ~/lakeray-venv: this checkout's venv seen under the YAML's path (its scripts' shebangs name .venv),
+    # with the lock marker the YAML's install step compares against.
+    venv = home / "lakeray-venv"
+    (venv / "bin").mkdir(parents=True)
+    for name in os.listdir(VENV / "bin"):
+        (venv / "bin" / name).symlink_to(VENV / "bin" / name)
+    (venv / "lib").symlink_to(VENV / "lib")
+    shutil.copy(VENV / "pyvenv.cfg", venv / "pyvenv.cfg")
+    shutil.copy(REPO / "requirements.lock", venv / ".lakeray-lock")
+    for shared in SHARED_IN_HOME:
+        (home / shared).mkdir(parents=True)
+    (base / "tmp").mkdir(mode=0o1777)
+    return home
+
+
+def _start_sshd(ns: str, base) -> subprocess.Popen:
+    """sshd as PID 1 of the host's PID namespace: killing it ends everything started in that host."""
+    home = base / "home"
+    shared = "".join(f"mount --bind {os.path.expanduser('~/' + d)} {home}/{d}; " for d in SHARED_IN_HOME)
+    script = (f"set -e; {shared}mount --rbind {home} /root; "
+              f"mount --bind {base}/tmp /tmp; mkdir -p /run/sshd; "
+              "exec /usr/sbin/sshd -D -e -f /root/.sshd/sshd_config")
+    return subprocess.Popen(["ip", "netns", "exec", ns, "unshare", "--mount", "--pid", "--fork", "--mount-proc",
+                             "--propagation", "private", "sh", "-c", script],
+                            stdout=subprocess.DEVNULL, stderr=open(base / "sshd.log", "wb"))
+
+
+def _ray(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run(["ip", "netns", "exec", HEAD_NS, RAY, *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, **UP_ENV})
+
+
+@pytest.fixture(scope="module")
+def hosts(tmp_path_factory):
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        pytest.fail("this test makes network namespaces: it needs root and iproute2's `ip`")
+    if not os.path.exists("/usr/sbin/sshd") or shutil.which("rsync") is None:
+        subprocess.run(["make", "-C", str(REPO), "cluster-tools"], capture_output=True, timeout=600)
+    assert os.path.exists("/usr/sbin/sshd") and shutil.which("rsync"), "`make cluster-tools` installs them"
+    tmp = tmp_path_factory.mktemp("rayup")
+    key = tmp / "id_ed25519"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True,
+                   capture_output=True, timeout=30)
+    sshds, nets = [], []
+    try:
+        for ns in (HEAD_NS, WORKER_NS):
+            _sh("ip", "netns", "add", ns)
+        _sh("ip", "link", "add", f"{TAG}h0", "type", "veth", "peer", "name", f"{TAG}w0")
+        for ns, link, ip in ((HEAD_NS, f"{TAG}h0", HEAD_IP), (WORKER_NS, f"{TAG}w0", WORKER_IP)):
+            _sh("ip", "link", "set", link, "netns", ns)
+            _sh("ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", link)
+            _sh("ip", "-n", ns, "link", "set", link, "up")
+            _sh("ip", "-n", ns, "link", "set", "lo", "up")
+            # Ray finds its node address from the route to a public address; none leaves the veth pair.
+            _sh("ip", "-n", ns, "route", "add", "default", "dev", link)
+            nets.append(_net_ns(ns))
+            base = tmp / ns
+            _host_home(base, key.with_suffix(".pub").read_text(), ip)
+            sshds.append(_start_sshd(ns, base))
+        config = yaml.safe_load((REPO / "cluster" / "local.yaml").read_text())
+        config["cluster_name"] = CLUSTER
+        config["provider"].update(head_ip=HEAD_IP, worker_ips=[WORKER_IP])
+        config["auth"] = {"ssh_user": "root", "ssh_private_key": str(key)}
+        path = tmp / "local.yaml"
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+        yield path, nets, tmp
+    finally:
+        for proc in sshds:  # PID 1 of each host's namespace: its end takes the host's processes with it
+            try:
+                for child in open(f"/proc/{proc.pid}/task/{proc.pid}/children").read().split():
+                    os.kill(int(child), signal.SIGKILL)
+            except OSError:
+                pass
+            proc.kill()
+            proc.wait(timeout=30)
+        for net in nets:
+            for pid in _cmdlines_in(net):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        for ns in (HEAD_NS, WORKER_NS):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
+        for leftover in (f"/tmp/cluster-{CLUSTER}.state", f"/tmp/cluster-{CLUSTER}.lock"):
+            if os.path.exists(leftover):
+                os.remove(leftover)
+
+
+def test_ray_up_exec_down_with_the_local_provider(hosts):
+    path, (head_net, worker_net), tmp = hosts
+    started = time.monotonic()
+    up = _ray("up", "-y", "--no-config-cache", str(path))
+    up_s = time.monotonic() - started
+    assert up.returncode == 0, up.stdout[-4000:] + up.stderr[-4000:]
+    print(f"ray up (local provider, head only; the head's autoscaler adds the worker): {up_s:.1f} s")
+
+    # The head's autoscaler brings the worker up over SSH from the head; both Ray nodes and both Spark
+    # workers, as the head sees them.
+    probe = ("python -c \"import json, ray, httpx; ray.init(address='auto', logging_level='ERROR'); "
+             "print(json.dumps({'ray': sorted(n['NodeManagerAddress'] for n in ray.nodes() if n['Alive']), "
+             f"'spark': sorted(w['host'] for w in httpx.get('http://{HEAD_IP}:8080/json/').json()['workers'] "
+             "if w['state'] == 'ALIVE')}))\"")
+    deadline, seen = time.monotonic() + 150, None
+    while time.monotonic() < deadline:
+        shown = _ray("exec", str(path), probe, timeout=120)
+        lines = [line for line in shown.stdout.splitlines() if line.startswith("{")]
+        seen = json.loads(lines[-1]) if shown.returncode == 0 and lines else shown.stdout[-2000:]
+        if isinstance(seen, dict) and seen["ray"] == [HEAD_IP, WORKER_IP] and seen["spark"] == [HEAD_IP, WORKER_IP]:
+            break
+        time.sleep(3)
+    print(f"both nodes in Ray and Spark {time.monotonic() - started:.1f} s after ray up began")
+    assert seen == {"ray": [HEAD_IP, WORKER_IP], "spark": [HEAD_IP, WORKER_IP]}, seen
+
+    down = _ray("down", "-y", str(path), timeout=120)
+    assert down.returncode == 0, down.stdout[-3000:] + down.stderr[-3000:]
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and (_daemons_in(head_net) or _daemons_in(worker_net)):
+        time.sleep(2)
+    assert _daemons_in(head_net) == [] and _daemons_in(worker_net) == [], (_daemons_in(head_net),
+                                                                          _daemons_in(worker_net))
