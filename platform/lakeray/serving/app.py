@@ -264,7 +264,8 @@ class ModelServer:
         async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
             return JSONResponse({"detail": _errors(exc.errors())}, status_code=422)
 
-        def authorised(request: Request) -> None:
+        # async: a sync dependency is run in the thread pool, a hop that cost ~0.4 ms a request (docs/serving.md).
+        async def authorised(request: Request) -> None:
             if server.args.token_sha256 is None:
                 return
             scheme, _, token = request.headers.get("authorization", "").partition(" ")
