@@ -123,6 +123,7 @@ _LOCAL_ONLY = {
     "lakehouse/delta.py": "Hadoop's own org.apache.hadoop.fs.Path (any scheme)",
     "training/": "checkpoint folders, spec files and Ray Tune folders are local (object-store runs: issue 14)",
     "serving/client.py": "the project's serving specs",
+    "scheduler/": "DAGSTER_HOME (refused on an object-store root), feature code folders, spec files, /proc",
 }
 # The modules that handle storage paths: never whitelisted (storage.py itself joins local paths with os.path).
 _STORAGE_MODULES_MUST_BE_CLEAN = ["features/training_sets.py", "features/retention.py", "training/spec.py",
