@@ -111,8 +111,14 @@ def _start_sshd(ns: str, base) -> subprocess.Popen:
     """sshd as PID 1 of the host's PID namespace: killing it ends everything started in that host."""
     home = base / "home"
     shared = "".join(f"mount --bind {os.path.expanduser('~/' + d)} {home}/{d}; " for d in SHARED_IN_HOME)
+    # A checkout under /tmp (a CI clone) would vanish behind the host's own /tmp, and with it the venv
+    # ~/lakeray-venv links to: show it at the same path inside that /tmp (rbind carries the sub-mount).
+    if REPO.is_relative_to("/tmp"):
+        inside = base / "tmp" / REPO.relative_to("/tmp")
+        inside.mkdir(parents=True, exist_ok=True)
+        shared += f"mount --bind {REPO} {inside}; "
     script = (f"set -e; {shared}mount --rbind {home} /root; "
-              f"mount --bind {base}/tmp /tmp; mkdir -p /run/sshd; "
+              f"mount --rbind {base}/tmp /tmp; mkdir -p /run/sshd; "
               "exec /usr/sbin/sshd -D -e -f /root/.sshd/sshd_config")
     return subprocess.Popen(["ip", "netns", "exec", ns, "unshare", "--mount", "--pid", "--fork", "--mount-proc",
                              "--propagation", "private", "sh", "-c", script],
