@@ -51,15 +51,6 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
-def alive(pid: int) -> bool:
-    """Whether ``pid`` runs (a zombie, state Z in /proc, has exited and counts as gone)."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="utf-8") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def kill_tree(pid: int) -> None:
     """SIGKILL ``pid``'s process group and every process below it (a local Ray's daemons run in
     sessions of their own): a crashed session, not a polite exit."""

@@ -10,7 +10,8 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO, alive
+from lakeray.cluster.processes import alive
+from tests.conftest import REPO
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

@@ -22,8 +22,9 @@ import httpx
 import numpy as np
 import pytest
 
+from lakeray.cluster.processes import alive
 from lakeray.errors import ConfigError
-from tests.conftest import alive, descendants, free_port
+from tests.conftest import descendants, free_port
 
 pytestmark = [pytest.mark.ray]
 

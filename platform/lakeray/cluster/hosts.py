@@ -34,7 +34,7 @@ from lakeray.cluster.processes import (
     spark_worker_command,
     spark_worker_memory_mb,
     start_jvm,
-    stop_spark,
+    stop_groups,
 )
 from lakeray.errors import ClusterError
 
@@ -195,7 +195,7 @@ def join(settings: Settings, head_address: str, node_ip: str | None = None, cpus
 
 
 def _stop(state: JoinedHost) -> list[int]:
-    return stop_spark(state.spark_pids) + kill_ray_processes(state.temp_dir)
+    return stop_groups(state.spark_pids) + kill_ray_processes(state.temp_dir)
 
 
 def leave(settings: Settings) -> list[int]:

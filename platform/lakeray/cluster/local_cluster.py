@@ -41,7 +41,7 @@ from lakeray.cluster.processes import (
     spark_worker_command,
     spark_worker_memory_mb,
     start_jvm,
-    stop_spark,
+    stop_groups,
 )
 from lakeray.errors import ClusterError, ConfigError
 
@@ -237,7 +237,7 @@ def _share_token(settings: Settings) -> str:
 
 
 def _stop(state: ClusterState) -> list[int]:
-    return stop_spark(state.spark_pids) + kill_ray_processes(state.temp_dir)
+    return stop_groups(state.spark_pids) + kill_ray_processes(state.temp_dir)
 
 
 def down(settings: Settings) -> list[int]:

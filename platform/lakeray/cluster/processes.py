@@ -19,7 +19,7 @@ from lakeray.errors import ClusterError
 __all__ = ["LOOPBACK", "free_port", "is_local_address", "port_free", "answers", "bin_path", "run_logged",
            "agent_port_args", "ray_env", "spark_home", "spark_worker_command", "spark_env",
            "start_jvm", "current_token", "spark_worker_memory_mb", "ray_pids", "alive", "terminate",
-           "kill_ray_processes", "stop_spark"]
+           "kill_ray_processes", "group_members", "stop_groups"]
 
 LOOPBACK = "127.0.0.1"
 _TAG = "LAKERAY_CLUSTER_NODE"
@@ -229,7 +229,8 @@ def kill_ray_processes(temp_dir: str) -> list[int]:
     return terminate(ray_pids(temp_dir))
 
 
-def _group_members(pgid: int) -> list[int]:
+def group_members(pgid: int) -> list[int]:
+    """The live (not zombie) processes of process group ``pgid``."""
     members = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -243,21 +244,22 @@ def _group_members(pgid: int) -> list[int]:
     return members
 
 
-def stop_spark(spark_pids: list[int]) -> list[int]:
-    """SIGTERM each daemon's process group (the JVM and what it started: executors, their Python
-    workers), SIGKILL whatever of a group is left after 10 s, the leader gone or not."""
+def stop_groups(pgids: list[int], grace_s: float = 10.0) -> list[int]:
+    """SIGTERM each process group (a Spark daemon: the JVM and what it started, executors and their
+    Python workers; a Dagster daemon or webserver and its code server), SIGKILL whatever of a group is
+    left after ``grace_s``, the leader gone or not. The groups that took the SIGTERM."""
     stopped = []
-    for pid in spark_pids:
+    for pid in pgids:
         try:
             os.killpg(pid, signal.SIGTERM)
             stopped.append(pid)
         except ProcessLookupError:
             pass
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and any(_group_members(p) for p in spark_pids):
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline and any(group_members(p) for p in pgids):
         time.sleep(0.2)
-    for pid in spark_pids:
-        if _group_members(pid):
+    for pid in pgids:
+        if group_members(pid):
             try:
                 os.killpg(pid, signal.SIGKILL)
             except ProcessLookupError:

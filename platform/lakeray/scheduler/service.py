@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from lakeray.cluster.processes import group_members, stop_groups
 from lakeray.errors import ClusterError, ConfigError
 
 if TYPE_CHECKING:
@@ -142,7 +142,8 @@ def start(settings: Settings, port: int | None = None, wait_s: float = 180.0) ->
         raise ClusterError(f"the scheduler already runs for this project ({current.url})",
                            "`lakeray scheduler stop` first, or use the running one")
     if current is not None:  # a daemon killed alone leaves its code server and run worker in its group
-        _stop_groups([pid for pid in (current.daemon_pid, current.webserver_pid) if _group_has_others(pid)], 15.0)
+        _stop_groups([pid for pid in (current.daemon_pid, current.webserver_pid)
+                      if any(member != pid for member in group_members(pid))], 15.0)
     dg.Definitions.validate_loadable(build_definitions(settings))  # a bad declaration fails here, not in the daemon
     home = dagster_home(settings)
     logs = home / _LOGS
@@ -220,50 +221,9 @@ def stop(settings: Settings, timeout_s: float = 15.0) -> list[int]:
 
 
 def _stop_groups(pids: list[int], timeout_s: float) -> None:
-    for pid in pids:
-        _signal_group(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and any(_alive_group(pid) for pid in pids):
-        time.sleep(0.3)
-    for pid in pids:
-        if _alive_group(pid):
-            _signal_group(pid, signal.SIGKILL)
+    stop_groups(pids, timeout_s)
     for pid in pids:  # reap our direct children when this process started them (tests, one shell)
         try:
             os.waitpid(pid, os.WNOHANG)
         except ChildProcessError:
             pass
-
-
-def _signal_group(pid: int, sig: signal.Signals) -> None:
-    try:
-        os.killpg(pid, sig)  # start_new_session: the group id is the leader's pid
-    except ProcessLookupError:
-        pass
-
-
-def _alive_group(pid: int) -> bool:
-    try:
-        os.killpg(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie leader (not yet reaped by its parent) counts as gone when nothing else is in the group.
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat.rsplit(")", 1)[1].split()[0] != "Z" or _group_has_others(pid)
-    except OSError:
-        return _group_has_others(pid)
-
-
-def _group_has_others(pgid: int) -> bool:
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and int(entry.name) != pgid:
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[2]) == pgid and fields[0] != "Z":
-                return True
-    return False
