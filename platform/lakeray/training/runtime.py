@@ -197,6 +197,13 @@ class _RayTrainContext(WorkerContext):
         if self.rank != 0:
             ray.train.report(report)
             return
+        self._report_with_checkpoint(report, step, metrics, write, final)
+
+    def _report_with_checkpoint(self, report: dict[str, Any], step: int, metrics: dict[str, float],
+                                write: Callable[[str], None], final: bool) -> None:
+        """Rank 0's report carrying the checkpoint files (written to a temporary folder Ray copies)."""
+        import ray.train
+
         with tempfile.TemporaryDirectory(prefix="lakeray-ckpt-") as tmp:
             self._write_checkpoint(tmp, step, metrics, write, final)
             ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp),

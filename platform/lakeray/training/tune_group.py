@@ -19,7 +19,6 @@ import functools
 import json
 import math
 import os
-import tempfile
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -56,8 +55,6 @@ class _GroupTrialContext(_RayTrainContext):
                    final: bool = False) -> None:
         import ray.train
 
-        from lakeray.training.runtime import _checkpoint_name
-
         result = {"rounds": step, "final": final, **{k: v for k, v in metrics.items() if k != "elapsed_s"}}
         last = next((h[self.metric_key] for h in reversed(self.history) if self.metric_key in h), None)
         if self.metric_key not in result and last is not None:
@@ -65,11 +62,7 @@ class _GroupTrialContext(_RayTrainContext):
         if self.rank != 0 or (not final and step % self.keep_every):
             ray.train.report(result)
             return
-        with tempfile.TemporaryDirectory(prefix="lakeray-ckpt-") as tmp:
-            self._write_checkpoint(tmp, step, metrics, write, final)
-            ray.train.report(result, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                             checkpoint_dir_name=_checkpoint_name(step, final))
-        self.progress(step, metrics, "checkpoint")
+        self._report_with_checkpoint(result, step, metrics, write, final)
 
 
 def _recorder(run: RunFolder) -> Any:
