@@ -203,12 +203,13 @@ def find_job(settings: Settings, name: str) -> FeatureJob:
 
 
 def run_feature_job(spark: SparkSession, settings: Settings, name: str, start: str | None = None,
-                    end: str | None = None) -> FeatureRunResult:
+                    end: str | None = None, interval: str | None = None) -> FeatureRunResult:
     """Run job ``name`` on the latest version of its inputs; one atomic commit (or none at all).
 
     ``start``/``end`` (ISO dates, end exclusive) restrict a ``partitions`` job to that range: the job
     function receives them when it declares ``start``/``end`` parameters, and only those partitions
-    are replaced, so re-running a range leaves the same rows.
+    are replaced, so re-running a range leaves the same rows. ``interval``: the scheduled interval the
+    run is for (the scheduler's marker: a retried run finds the commit that already holds it).
     """
     from pyspark import StorageLevel
     from pyspark.sql import functions as F
@@ -228,6 +229,8 @@ def run_feature_job(spark: SparkSession, settings: Settings, name: str, start: s
     entry: dict[str, Any] = {"run_id": run_id, "table": name, "code_version": job.code_version,
                              "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                              "range": [start, end] if start else None}
+    if interval is not None:
+        entry["interval"] = interval
     output = None
     try:
         inputs, input_versions = {}, {}
@@ -267,6 +270,7 @@ def run_feature_job(spark: SparkSession, settings: Settings, name: str, start: s
         raise_on_errors(name, results)
         metadata = json.dumps({"lakeray_run_id": run_id, "code_version": job.code_version,
                                "inputs": input_versions, "range": entry["range"],
+                               **({"interval": interval} if interval is not None else {}),
                                "expectations": {r.name: "pass" if r.passed else f"FAIL({r.failing_rows})"
                                                 for r in results}})
         properties = None if exists else _table_properties(job)
