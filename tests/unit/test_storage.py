@@ -109,7 +109,7 @@ def test_storage_settings_errors_name_the_setting(monkeypatch):
 # Local-only uses of pathlib / os.path in the package, each for a reason (file:line-independent:
 # module → what the uses are for). Anything else that builds paths must go through lakeray.storage.
 _LOCAL_ONLY = {
-    "storage.py": "the one module that joins paths (os.path for local ones)",
+    "storage/": "the one package that joins paths (os.path for local ones)",
     "config.py": "the config file and the project folder are local",
     "features/spec.py": "feature job source files",
     "features/runner.py": "feature job folders in the project; the run ledger only for a local root",

@@ -225,6 +225,16 @@ def _worker_stream_redirectable() -> bool:
         return False
 
 
+def _storage_env(settings: Settings) -> dict[str, str]:
+    """The object-store root and settings for every worker and Serve replica of this job (Serve's
+    controller, and so its replicas, inherit the runtime env of the job that starts it): a process on
+    another host resolves them without a profile file; secrets go by variable name (lakeray.storage)."""
+    from lakeray import storage
+
+    store = settings.profile.storage
+    return storage.worker_env(settings.storage_root, store) if store.is_object_store else {}
+
+
 def start_ray(settings: Settings) -> RayHandle:
     """Connect to ``ray.address`` or start a local Ray sized for Train + Data; ClusterError on failure."""
     cfg = settings.profile.ray
@@ -285,12 +295,15 @@ def start_ray(settings: Settings) -> RayHandle:
     try:
         if address:
             kwargs.pop("include_dashboard", None)
-            ray.init(address=address, runtime_env={"env_vars": {k: os.environ[k] for k in _TRAIN_ENV}}, **kwargs)
+            ray.init(address=address, runtime_env={"env_vars": {**{k: os.environ[k] for k in _TRAIN_ENV},
+                                                                **_storage_env(settings)}}, **kwargs)
             owns = False
         else:
             num_cpus = cfg.num_cpus or local_num_cpus()
             if cfg.object_store_memory_mb:
                 kwargs["object_store_memory"] = cfg.object_store_memory_mb * 1024 * 1024
+            if _storage_env(settings):
+                kwargs["runtime_env"] = {"env_vars": _storage_env(settings)}
             ray.init(num_cpus=num_cpus, **kwargs)
             owns = True
     except BaseException as exc:

@@ -15,15 +15,20 @@ library's own chain (``AWS_ACCESS_KEY_ID``…, instance identity).
 
 The object-store settings of the loaded profile are this process's default (:func:`configure`, called by
 :func:`lakeray.config.load_settings`), so readers that get only a path (Delta readers, ingest) use the
-same credentials as the Spark session.
+same credentials as the Spark session. A process that loaded no profile (a Ray worker, a Serve replica)
+falls back to the ``LAKERAY_STORAGE__*`` variables the driver put in the cluster's runtime environment
+(:func:`worker_env`), with secrets referenced by variable name, never by value.
 """
 
 from __future__ import annotations
 
 import os
 import posixpath
+import shutil
+import tempfile
 import threading
 import uuid
+from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any, Protocol
 
 from lakeray.errors import ConfigError
@@ -33,7 +38,8 @@ if TYPE_CHECKING:
 
 __all__ = ["ObjectStoreSettings", "configure", "configured", "scheme", "is_local", "join", "parent", "name",
            "to_spark", "to_arrow", "local_path", "to_arrow_fs", "delta_options", "spark_conf", "exists", "is_dir",
-           "list_dir", "read_text", "write_text_atomic", "makedirs", "remove", "check_access", "OBJECT_STORE_SCHEMES"]
+           "list_dir", "read_text", "write_text_atomic", "append_text", "put_dir", "get_dir", "makedirs", "remove",
+           "check_access", "OBJECT_STORE_SCHEMES", "StoreSettings", "worker_env", "worker_arrow_fs", "use_for_boto3"]
 
 OBJECT_STORE_SCHEMES = frozenset({"s3", "s3a", "s3n"})
 
@@ -50,6 +56,43 @@ class ObjectStoreSettings(Protocol):
     timeout_s: float
 
 
+@dataclass(frozen=True)
+class StoreSettings:
+    """The object-store settings without any secret (variable names only): what travels to other
+    processes, pickled or as ``LAKERAY_STORAGE__*`` variables. Defaults are StorageConfig's."""
+
+    endpoint_url: str | None = None
+    region: str = "us-east-1"
+    access_key_env: str | None = None
+    secret_key_env: str | None = None
+    path_style: bool = False
+    allow_http: bool = False
+    timeout_s: float = 30.0
+
+    @classmethod
+    def of(cls, settings: ObjectStoreSettings) -> StoreSettings:
+        return cls(**{f.name: getattr(settings, f.name) for f in fields(cls)})
+
+
+def _env_name(field_name: str) -> str:
+    return f"LAKERAY_STORAGE__{field_name.upper()}"
+
+
+def _from_environment() -> StoreSettings | None:
+    """Settings from ``LAKERAY_STORAGE__*`` (a worker's runtime env) when they name an object store."""
+    env = os.environ
+    if is_local(env.get("LAKERAY_STORAGE__ROOT", "")) and not env.get(_env_name("endpoint_url")):
+        return None
+    values: dict[str, Any] = {}
+    for f in fields(StoreSettings):
+        raw = env.get(_env_name(f.name))
+        if raw is None or raw == "":
+            continue
+        values[f.name] = raw.lower() in ("1", "true", "yes", "on") if f.type == "bool" else \
+            float(raw) if f.type == "float" else raw
+    return StoreSettings(**values)
+
+
 _default: ObjectStoreSettings | None = None
 _lock = threading.Lock()
 _filesystems: dict[tuple, Any] = {}
@@ -64,7 +107,8 @@ def configure(settings: ObjectStoreSettings | None) -> None:
 
 
 def configured() -> ObjectStoreSettings | None:
-    return _default
+    """This process's settings: the loaded profile's, else those of ``LAKERAY_STORAGE__*``."""
+    return _settings(None)
 
 
 # --- URIs --------------------------------------------------------------------------------------------
@@ -137,7 +181,9 @@ def local_path(uri: str) -> str:
 
 
 def _settings(settings: ObjectStoreSettings | None) -> ObjectStoreSettings | None:
-    return settings if settings is not None else _default
+    if settings is not None:
+        return settings
+    return _default if _default is not None else _from_environment()
 
 
 def _credentials(settings: ObjectStoreSettings) -> tuple[str | None, str | None]:
@@ -310,6 +356,56 @@ def write_text_atomic(uri: str, text: str) -> None:
         stream.write(text.encode("utf-8"))
 
 
+def append_text(uri: str, text: str) -> None:
+    """Append ``text`` to a file. An object has no append: it is read and written again whole (one
+    writer at a time — a run's rank 0 — and small files: progress lines)."""
+    if is_local(uri):
+        target = local_path(uri)
+        os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
+        with open(target, "a", encoding="utf-8") as fh:
+            fh.write(text)
+        return
+    try:
+        before = read_text(uri)
+    except FileNotFoundError:
+        before = ""
+    write_text_atomic(uri, before + text)
+
+
+def put_dir(local_dir: str, uri: str, last: str | None = None) -> None:
+    """Copy the local folder ``local_dir`` to ``uri`` (replacing what was there) so a reader never sees
+    half of it: locally a sibling folder renamed into place; on an object store every file uploaded
+    before the one named ``last``, whose presence marks the folder complete."""
+    import pyarrow.fs as pa_fs
+
+    if is_local(uri):
+        target = local_path(uri)
+        tmp = f"{target}.tmp-{uuid.uuid4().hex[:8]}"
+        shutil.copytree(local_dir, tmp)
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(tmp, target)
+        return
+    remove(uri)
+    filesystem, path = to_arrow_fs(uri)
+    local = pa_fs.LocalFileSystem()
+    for name in sorted(os.listdir(local_dir), key=lambda n: n == last):  # ``last`` goes last
+        pa_fs.copy_files(os.path.join(local_dir, name), f"{path}/{name}", source_filesystem=local,
+                         destination_filesystem=filesystem)
+
+
+def get_dir(uri: str) -> str:
+    """A local folder holding the files of folder ``uri``: the folder itself when local, else a fresh
+    temporary copy (the caller's to delete)."""
+    import pyarrow.fs as pa_fs
+
+    if is_local(uri):
+        return local_path(uri)
+    filesystem, path = to_arrow_fs(uri)
+    target = tempfile.mkdtemp(prefix="lakeray-download-")
+    pa_fs.copy_files(path, target, source_filesystem=filesystem, destination_filesystem=pa_fs.LocalFileSystem())
+    return target
+
+
 def makedirs(uri: str) -> None:
     """A local folder (and its parents); a no-op on object stores (prefixes need no creating)."""
     if is_local(uri):
@@ -357,3 +453,7 @@ def check_access(uri: str, settings: ObjectStoreSettings | None = None) -> None:
     if info.type == pa_fs.FileType.NotFound:
         raise ConfigError(f"bucket {bucket!r} of {uri} does not exist at {endpoint}",
                           "create the bucket, or fix storage.root")
+
+
+# Other processes (Ray workers, Serve replicas, boto3): lakeray.storage.workers, re-exported here.
+from lakeray.storage.workers import use_for_boto3, worker_arrow_fs, worker_env  # noqa: E402
