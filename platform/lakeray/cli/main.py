@@ -35,6 +35,7 @@ _COMMANDS = {
     "jobs": ("lakeray.cli.jobs_cmd", "jobs", "Ray jobs on the cluster: submit a lakeray command or script, status, logs, stop, list."),
     "schedule": ("lakeray.cli.schedule_cmd", "schedule", "Schedules from the declarations: list, show, next (starts nothing)."),
     "scheduler": ("lakeray.cli.schedule_cmd", "scheduler", "The Dagster daemon and UI for the project: start, stop, status."),
+    "runs": ("lakeray.cli.runs_cmd", "runs", "Runs of scheduled and feature jobs, newest first: list, show."),
 }
 
 
