@@ -121,13 +121,19 @@ _LOCAL_ONLY = {
     "cluster/": "local cluster state, logs, cached jars and the S3Proxy process",
     "lakehouse/spark.py": "the jar cache and Java",
     "lakehouse/delta.py": "Hadoop's own org.apache.hadoop.fs.Path (any scheme)",
-    "training/": "checkpoint folders, spec files and Ray Tune folders are local (object-store runs: issue 14)",
+    # Training run folders (run.json, progress, checkpoints) go through lakeray.storage (runtime.py and
+    # api.py are in the clean list below); what is left is truly local:
+    "training/xgboost_trainer.py": "model files in a checkpoint's local (temporary or downloaded) folder",
+    "training/torch_trainer.py": "model files in a checkpoint's local folder; the model module's source file",
+    "training/tracking.py": "plots written to a local temporary folder before MLflow uploads them",
+    "training/tune": "Ray Tune folders (refused on an object-store root), tune spec files",
     "serving/client.py": "the project's serving specs",
     "scheduler/": "DAGSTER_HOME (refused on an object-store root), feature code folders, spec files, /proc",
 }
 # The modules that handle storage paths: never whitelisted (storage.py itself joins local paths with os.path).
 _STORAGE_MODULES_MUST_BE_CLEAN = ["features/training_sets.py", "features/retention.py", "training/spec.py",
-                                  "training/lineage.py", "training/ingest.py"]
+                                  "training/lineage.py", "training/ingest.py", "training/runtime.py",
+                                  "training/api.py"]
 
 
 def _path_uses(text: str) -> list[str]:

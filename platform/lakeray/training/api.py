@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -117,8 +116,14 @@ class TrainReport:
 
 
 def validate(settings: Settings, spec: TrainSpec, where: str = "train spec") -> TrainPlan:
-    """Every check that needs no cluster: the model module, the pinned version, columns, types, split."""
+    """Every check that needs no cluster: the object store, the model module, the pinned version, columns,
+    types, split."""
+    from lakeray import storage
     from lakeray.training.spec import plan_training
+
+    if settings.profile.storage.is_object_store:
+        # Wrong credentials or a missing bucket would otherwise read as a missing table.
+        storage.check_access(settings.storage_root, settings.profile.storage)
 
     if spec.model.kind == "torch":
         from lakeray.training.torch_trainer import validate_torch_spec
@@ -172,14 +177,13 @@ def _ingest(plan: TrainPlan, resources: dict[str, float]) -> bool:
 
 
 def _write_run_file(run: RunFolder, plan: TrainPlan) -> None:
-    os.makedirs(run.path, exist_ok=True)
+    from lakeray import storage
+
+    storage.makedirs(run.path)
     pinned = plan.spec.model_copy(update={"training_set": plan.input})
     body = {"run_id": run.run_id, "where": plan.where, "spec": pinned.model_dump(mode="json"),
             "spec_hash": plan.spec.digest(), "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    tmp = run.run_file + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(body, fh, indent=2)
-    os.replace(tmp, run.run_file)
+    storage.write_text_atomic(run.run_file, json.dumps(body, indent=2))
 
 
 def _outcome(plan: TrainPlan, kind: ModelKind, launched: LaunchResult) -> TrainOutcome:
@@ -216,6 +220,10 @@ def _run(settings: Settings, plan: TrainPlan, run: RunFolder, register: bool,
 
     started = time.perf_counter()
     kind = model_kind(plan.spec.model.kind)
+    if register:
+        from lakeray.training.tracking import check_store
+
+        check_store(settings)  # before the cluster time, not after it
     _write_run_file(run, plan)
     launched = launch(settings, plan, kind.fit, run, plan.use_gpu, kind.ray_trainer, on_event)
     outcome = _outcome(plan, kind, launched)
@@ -240,15 +248,15 @@ def train(settings: Settings, spec: TrainSpec, where: str = "train spec", regist
 
 def load_run_spec(settings: Settings, run_id: str) -> tuple[TrainSpec, str]:
     """The spec of run ``run_id`` pinned to its table version, and where it came from."""
+    from lakeray import storage
     from lakeray.training.runtime import run_folder
     from lakeray.training.spec import TrainSpec
 
     run = run_folder(settings, run_id)
-    if not os.path.isfile(run.run_file):
+    if not storage.exists(run.run_file):
         raise ConfigError(f"no training run {run_id!r} under {run.root}",
                           "pass a run id printed by `lakeray train` (folders of storage root/train_runs)")
-    with open(run.run_file, encoding="utf-8") as fh:
-        body = json.load(fh)
+    body = json.loads(storage.read_text(run.run_file))
     return TrainSpec.parse(body["spec"], f"{run.run_file}: spec"), body.get("where", run.run_file)
 
 

@@ -17,14 +17,16 @@ likes. :func:`launch` runs it:
 Every run has a folder ``<storage root>/train_runs/<run id>/``: ``run.json`` (spec, pinned version),
 ``progress.jsonl`` (one line per reported step, written by rank 0, read by the driver's live view) and
 the ``checkpoint_*`` folders. A checkpoint is a folder of model files plus ``lakeray_state.json``
-(step, metrics history, final flag).
+(step, metrics history, final flag), written last so a folder without it is ignored. With an
+object-store root the run folder is in the bucket (every access through :mod:`lakeray.storage`), Ray
+Train's storage too (``RunConfig.storage_filesystem``), so a worker restarted on another host finds
+the checkpoints; workers write their model files to a local temporary folder that is then uploaded.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
 import threading
 import time
@@ -33,7 +35,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from lakeray.errors import ClusterError, ConfigError, LakerayError
+from lakeray import storage
+from lakeray.errors import ClusterError, LakerayError
 
 if TYPE_CHECKING:
     from lakeray.config import Settings
@@ -58,48 +61,43 @@ def new_run_id(name: str) -> str:
 
 @dataclass(frozen=True)
 class RunFolder:
-    """``<storage root>/train_runs/<run id>``: local paths (object-store runs come with issue 14)."""
+    """``<storage root>/train_runs/<run id>``: a local folder or an object-store prefix (URIs)."""
 
     root: str
     run_id: str
 
     @property
     def path(self) -> str:
-        return os.path.join(self.root, self.run_id)
+        return storage.join(self.root, self.run_id)
 
     @property
     def progress_file(self) -> str:
-        return os.path.join(self.path, PROGRESS_FILE)
+        return storage.join(self.path, PROGRESS_FILE)
 
     @property
     def run_file(self) -> str:
-        return os.path.join(self.path, "run.json")
+        return storage.join(self.path, "run.json")
 
 
 def run_folder(settings: Settings, run_id: str) -> RunFolder:
-    root = settings.storage_root
-    if "://" in root:
-        raise ConfigError(f"storage.root {root} is an object store; training runs keep their checkpoints in a "
-                          "local or shared folder for now", "use a local storage.root (object stores: issue 14)")
-    return RunFolder(os.path.abspath(os.path.join(root, "train_runs")), run_id)
+    root = storage.join(settings.storage_root, "train_runs")
+    # Ray Train wants an absolute local path; a worker's cwd is not the driver's.
+    return RunFolder(os.path.abspath(root) if storage.is_local(root) else root, run_id)
 
 
 def read_state(checkpoint_dir: str) -> dict[str, Any]:
-    with open(os.path.join(checkpoint_dir, STATE_FILE), encoding="utf-8") as fh:
-        return json.load(fh)
+    return json.loads(storage.read_text(storage.join(checkpoint_dir, STATE_FILE)))
 
 
 def latest_checkpoint(run_dir: str) -> str | None:
-    """The checkpoint folder with the highest step (ties: the newest), or None."""
-    if not os.path.isdir(run_dir):
-        return None
+    """The checkpoint folder (path or URI) with the highest step (ties: the final, then the newest), or None."""
     best: tuple[int, bool, float, str] | None = None
-    for name in os.listdir(run_dir):
-        full = os.path.join(run_dir, name)
-        if not name.startswith(_CHECKPOINT_PREFIX) or not os.path.isfile(os.path.join(full, STATE_FILE)):
+    for name in storage.list_dir(run_dir):
+        full = storage.join(run_dir, name)
+        if not name.startswith(_CHECKPOINT_PREFIX) or ".tmp" in name or not storage.exists(storage.join(full, STATE_FILE)):
             continue
         state = read_state(full)
-        key = (int(state["step"]), bool(state.get("final")), os.path.getmtime(full), full)
+        key = (int(state["step"]), bool(state.get("final")), float(state.get("time", 0)), full)
         if best is None or key > best:
             best = key
     return best[3] if best else None
@@ -120,7 +118,8 @@ class WorkerContext:
 
     # -- checkpoints ------------------------------------------------------------------------------
     def restored(self) -> str | None:
-        """A local folder holding the checkpoint to resume from, or None to start fresh."""
+        """A local folder holding the checkpoint to resume from (a downloaded copy when the run is on an
+        object store), or None to start fresh."""
         raise NotImplementedError
 
     def resume(self) -> tuple[str | None, int]:
@@ -145,7 +144,7 @@ class WorkerContext:
         write(folder)
         state = {"step": step, "final": final, "metrics": metrics, "history": self.history,
                  "attempt": self.attempt, "time": time.time()}
-        with open(os.path.join(folder, STATE_FILE), "w", encoding="utf-8") as fh:
+        with open(storage.join(folder, STATE_FILE), "w", encoding="utf-8") as fh:  # a local temporary folder
             json.dump(state, fh)
 
     # -- progress ---------------------------------------------------------------------------------
@@ -157,23 +156,20 @@ class WorkerContext:
             return
         line = {"event": event, "step": step, "attempt": self.attempt, "time": time.time(), "pid": os.getpid(),
                 **metrics}
-        with open(self.run.progress_file, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(line) + "\n")
+        storage.append_text(self.run.progress_file, json.dumps(line) + "\n")
 
 
 class _TaskContext(WorkerContext):
     def restored(self) -> str | None:
-        return latest_checkpoint(self.run.path)
+        found = latest_checkpoint(self.run.path)
+        return storage.get_dir(found) if found else None
 
     def checkpoint(self, step: int, metrics: dict[str, float], write: Callable[[str], None],
                    final: bool = False) -> None:
-        target = os.path.join(self.run.path, _checkpoint_name(step, final))
-        tmp = target + ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-        self._write_checkpoint(tmp, step, metrics, write, final)
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(tmp, target)  # a restart never sees half a checkpoint
+        target = storage.join(self.run.path, _checkpoint_name(step, final))
+        with tempfile.TemporaryDirectory(prefix="lakeray-ckpt-") as tmp:
+            self._write_checkpoint(tmp, step, metrics, write, final)
+            storage.put_dir(tmp, target, last=STATE_FILE)  # a restart never sees half a checkpoint
         self.progress(step, metrics, "checkpoint")
 
 
@@ -212,11 +208,9 @@ class _RayTrainContext(WorkerContext):
 
 
 def _task_entry(fit: Callable[[WorkerContext], None], plan: TrainPlan, run: RunFolder, use_gpu: bool) -> None:
-    attempts = os.path.join(run.path, ".attempts")
-    with open(attempts, "a", encoding="utf-8") as fh:
-        fh.write(f"{os.getpid()}\n")
-    with open(attempts, encoding="utf-8") as fh:
-        attempt = len(fh.read().split()) - 1
+    attempts = storage.join(run.path, ".attempts")
+    storage.append_text(attempts, f"{os.getpid()}\n")
+    attempt = len(storage.read_text(attempts).split()) - 1
     ctx = _TaskContext(plan, run, 0, 1, use_gpu, attempt)
     ctx.progress(0, {}, "started")
     fit(ctx)
@@ -238,7 +232,7 @@ def _train_entry(config: dict[str, Any]) -> None:
 @dataclass
 class LaunchResult:
     run: RunFolder
-    checkpoint_dir: str  # the final checkpoint (model files + state)
+    checkpoint_dir: str  # the final checkpoint (model files + state), a local folder (a copy for a bucket run)
     state: dict[str, Any]
     path: str  # "task" or "ray-train"
     fit_s: float
@@ -248,10 +242,11 @@ class LaunchResult:
 
 
 def _read_progress(path: str) -> list[dict[str, Any]]:
-    if not os.path.exists(path):
+    try:
+        text = storage.read_text(path)
+    except FileNotFoundError:
         return []
-    with open(path, encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def _restarts(events: list[dict[str, Any]]) -> tuple[int, int]:
@@ -337,7 +332,7 @@ def launch(settings: Settings, plan: TrainPlan, fit: Callable[[WorkerContext], N
     let a Tune trial route the workers' reports to itself (training.tune_group).
     """
     _check_resources(plan, use_gpu)
-    os.makedirs(run.path, exist_ok=True)
+    storage.makedirs(run.path)
     start_timeout_s = start_timeout_s or settings.profile.ray.op_timeout_s
     started = time.perf_counter()
     with _watching(run.progress_file, on_event):
@@ -390,7 +385,7 @@ def _run_task(plan: TrainPlan, fit: Callable[[WorkerContext], None], run: RunFol
     final = latest_checkpoint(run.path)
     if final is None or not read_state(final).get("final"):
         raise ClusterError(f"training {plan.input} ended without a final checkpoint", f"see {run.path}")
-    return final
+    return storage.get_dir(final)
 
 
 def _run_ray_train(settings: Settings, plan: TrainPlan, fit: Callable[[WorkerContext], None], run: RunFolder,
@@ -402,13 +397,17 @@ def _run_ray_train(settings: Settings, plan: TrainPlan, fit: Callable[[WorkerCon
         from ray.train.torch import TorchTrainer as Trainer
     else:
         from ray.train.xgboost import XGBoostTrainer as Trainer
+    # On an object store, Ray Train's controller and workers reach the run folder through a filesystem
+    # that carries the settings, not the secrets (each process reads them from the variables named).
+    filesystem, storage_path = storage.worker_arrow_fs(run.root)
     trainer_obj = Trainer(
         _train_entry,
         train_loop_config={"fit": fit, "plan": plan, "run": run, "use_gpu": use_gpu, "context": context},
         scaling_config=ScalingConfig(num_workers=plan.num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": plan.cpus_per_worker,
                                                            **({"GPU": 1} if use_gpu else {})}),
-        run_config=RunConfig(name=run.run_id, storage_path=run.root,
+        run_config=RunConfig(name=run.run_id, storage_path=storage_path,
+                             storage_filesystem=None if storage.is_local(run.root) else filesystem,
                              failure_config=FailureConfig(max_failures=plan.spec.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2), callbacks=callbacks),
     )
@@ -435,7 +434,9 @@ def _run_ray_train(settings: Settings, plan: TrainPlan, fit: Callable[[WorkerCon
     result = box["result"]
     if result.checkpoint is None:
         raise ClusterError(f"training {plan.input} ended without a checkpoint", f"see {run.path}")
-    return result.checkpoint.path
+    if storage.is_local(run.root):
+        return result.checkpoint.path
+    return result.checkpoint.to_directory(tempfile.mkdtemp(prefix="lakeray-final-"))
 
 
 def _lakeray_cause(err: BaseException) -> LakerayError | None:

@@ -21,7 +21,8 @@ import os
 import tempfile
 from typing import TYPE_CHECKING, Any
 
-from lakeray.errors import ModelRegistryError
+from lakeray import storage
+from lakeray.errors import ConfigError, ModelRegistryError
 from lakeray.registry import RegisteredModel, mlflow_client
 from lakeray.training.lineage import commit_lineage, manifest_relpath
 
@@ -34,11 +35,31 @@ if TYPE_CHECKING:
     from lakeray.training.evaluate import Evaluation
     from lakeray.training.spec import TrainPlan
 
-__all__ = ["log_training", "lineage_tags", "load_model"]
+__all__ = ["log_training", "lineage_tags", "load_model", "check_store", "artifact_location"]
 
 _EXAMPLE_ROWS = 5
 _SAMPLE_ROWS = 2_000  # held-out rows kept for the input example and permutation importance
 _TOP_FEATURES = 20
+
+
+def check_store(settings: Settings) -> None:
+    """ConfigError before any training when the MLflow store cannot work with this storage root: the
+    default SQLite file cannot live in a bucket."""
+    if not storage.is_local(settings.storage_root) and not settings.profile.mlflow.tracking_uri:
+        raise ConfigError(f"storage.root {settings.storage_root} is an object store and mlflow.tracking_uri is "
+                          "empty: the default SQLite registry cannot live in a bucket",
+                          "set mlflow.tracking_uri (sqlite:////local/path/mlflow.db or an MLflow server's "
+                          "http(s):// URL); artifacts still go to the bucket")
+
+
+def artifact_location(settings: Settings) -> str | None:
+    """Where a new experiment keeps its artifacts: ``<root>/mlartifacts`` (a bucket's ``s3://`` URI for an
+    object-store root); None lets an MLflow server decide."""
+    tracking = settings.profile.mlflow.tracking_uri or ""
+    if not storage.is_local(settings.storage_root):
+        return None if tracking.startswith(("http://", "https://")) else storage.to_arrow(settings.mlflow_artifact_root)
+    # With a SQLite store MLflow would put artifacts in ./mlruns of whatever the cwd is: pin them.
+    return None if tracking else f"file://{settings.mlflow_artifact_root}"
 
 
 def _experiment_id(client: Any, settings: Settings) -> str:
@@ -46,9 +67,7 @@ def _experiment_id(client: Any, settings: Settings) -> str:
     found = client.get_experiment_by_name(name)
     if found is not None:
         return found.experiment_id
-    # With a SQLite store MLflow would put artifacts in ./mlruns of whatever the cwd is: pin them.
-    artifacts = None if settings.profile.mlflow.tracking_uri else f"file://{settings.mlflow_artifact_root}"
-    return client.create_experiment(name, artifact_location=artifacts)
+    return client.create_experiment(name, artifact_location=artifact_location(settings))
 
 
 def _relative(settings: Settings, path: str) -> str:
@@ -245,7 +264,10 @@ def _code_paths(module: Any) -> list[str]:
 
 def load_model(uri: str, kind: str) -> Any:
     """A registered model in the form ``model_kind(kind).predict`` takes, on CPU: an XGBoost Booster, or
-    the torch module that returns logits (the Sigmoid added for pyfunc is taken off again)."""
+    the torch module that returns logits (the Sigmoid added for pyfunc is taken off again). Artifacts in
+    a bucket are read with this process's object-store settings (the profile's, or LAKERAY_STORAGE__*)."""
+    if storage.configured() is not None:
+        storage.use_for_boto3()
     if kind == "xgboost":
         import mlflow.xgboost
 
@@ -266,6 +288,9 @@ def log_training(settings: Settings, outcome: TrainOutcome, evaluation: Evaluati
     import mlflow
 
     plan = outcome.plan
+    check_store(settings)
+    if settings.profile.storage.is_object_store:
+        storage.use_for_boto3(settings.profile.storage)  # MLflow's S3 artifact store is boto3
     client = mlflow_client(settings)
     name = plan.spec.registry.model_name or settings.profile.mlflow.model_name
     alias = plan.spec.registry.alias

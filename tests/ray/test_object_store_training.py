@@ -1,0 +1,193 @@
+"""`lakeray train` on an object-store root: a real S3Proxy on loopback, the project's profile naming
+``s3://`` and the variables holding the credentials, nothing on the local disk.
+
+The run is `lakeray train` as users run it (its own process, its own local Ray), with the storage
+settings only in the config file: the Ray workers see no ``LAKERAY_STORAGE__*`` unless lakeray puts them
+in the runtime env, so reading the training set at all proves that hand-off. Rank 0 is SIGKILLed after a
+checkpoint; Ray Train restarts the group from the checkpoint in the bucket.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path  # local folders only: the S3Proxy data folder and the project folder
+
+import pytest
+
+from lakeray import storage
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[2]
+BUCKET = "lakeray-train"
+ROOT = f"s3://{BUCKET}/lakehouse"
+KEY_VAR, SECRET_VAR = "LR_TRAIN_S3_KEY", "LR_TRAIN_S3_SECRET"
+LAKERAY = os.path.join(os.path.dirname(sys.executable), "lakeray")
+
+
+@pytest.fixture(scope="module")
+def s3proxy(tmp_path_factory):
+    from lakeray.cluster.object_store import start_s3proxy
+
+    server = start_s3proxy(str(tmp_path_factory.mktemp("s3proxy-train")), buckets=(BUCKET,))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def project(s3proxy, tmp_path_factory):
+    """A project folder whose only profile keeps everything in the bucket (the registry: local SQLite)."""
+    from lakeray.config import StorageConfig
+
+    folder = tmp_path_factory.mktemp("bucket_project")
+    store = StorageConfig(root=ROOT, endpoint_url=s3proxy.endpoint, access_key_env=KEY_VAR, secret_key_env=SECRET_VAR,
+                          path_style=True, allow_http=True, timeout_s=10)
+    (folder / "lakeray.yaml").write_text(textwrap.dedent(f"""\
+        default_profile: bucket
+        profiles:
+          bucket:
+            ray: {{op_timeout_s: 300}}
+            storage: {json.dumps(store.model_dump(exclude_none=True))}
+            mlflow: {{tracking_uri: "sqlite:///{folder}/mlflow.db", experiment: bucket, model_name: bucket_xgb}}
+        """))
+    (folder / "train.yaml").write_text(textwrap.dedent("""\
+        name: bucket_xgb
+        model: {kind: xgboost, rounds: 300, params: {max_depth: 8, eta: 0.05}}
+        training_set: bucket_set
+        label: label
+        features: {all_except: []}
+        split: {kind: hash, column: row_id}
+        scaling: {num_workers: 2, cpus_per_worker: 1}
+        checkpoint_every: 10
+        max_failures: 2
+        registry: {alias: challenger}
+        """))
+    env = {KEY_VAR: s3proxy.access_key, SECRET_VAR: s3proxy.secret_key}
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in env.items():
+            mp.setenv(name, value)
+        _write_training_set(storage.join(ROOT, "tables", "bucket_set"), store)
+    return folder, store, env
+
+
+def _write_training_set(uri: str, store) -> None:
+    """20k rows, 8 numeric features, a learnable label, four files (two per worker), written with delta-rs."""
+    import numpy as np
+    import pandas as pd
+    from deltalake import write_deltalake
+
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(20_000, 8))
+    frame = pd.DataFrame(x, columns=[f"f{i}" for i in range(8)])
+    frame["row_id"] = np.arange(len(frame), dtype=np.int64)
+    logit = 1.5 * x[:, 0] - x[:, 1] + 0.8 * x[:, 2] * x[:, 3]
+    frame["label"] = (rng.random(len(frame)) < 1 / (1 + np.exp(-logit))).astype(np.int64)
+    for start in range(0, len(frame), 5_000):
+        part = frame.iloc[start:start + 5_000]
+        write_deltalake(uri, part, mode="append", storage_options=storage.delta_options(uri, store))
+
+
+def _cli_env(project_dir: Path, secrets: dict[str, str]) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LAKERAY_", "AWS_", "MLFLOW_"))}
+    return {**env, **secrets, "LAKERAY_CONFIG": str(project_dir / "lakeray.yaml")}
+
+
+def _bucket_fs(store):
+    return storage.to_arrow_fs(ROOT, store)[0]
+
+
+def _progress(store, run_dir: str) -> list[dict]:
+    try:
+        text = storage.read_text(storage.join(run_dir, "progress.jsonl"))
+    except FileNotFoundError:
+        return []
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def test_lakeray_train_keeps_its_run_checkpoints_and_artifacts_in_the_bucket(project, monkeypatch):
+    import mlflow
+    import numpy as np
+    import pyarrow.fs as pa_fs
+
+    folder, store, secrets = project
+    for name, value in secrets.items():
+        monkeypatch.setenv(name, value)
+    storage.configure(store)  # this process reads the bucket with the same settings
+    try:
+        proc = subprocess.Popen([LAKERAY, "train", "train.yaml", "--json"],
+                                cwd=folder, env=_cli_env(folder, secrets), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+        runs = storage.join(ROOT, "train_runs")
+        killed: dict = {}
+        deadline = time.monotonic() + 240
+        # SIGKILL rank 0 (the progress writer) once a checkpoint at round >= 30 is in the bucket.
+        while proc.poll() is None and not killed and time.monotonic() < deadline:
+            for run_id in storage.list_dir(runs):
+                ckpt = [e for e in _progress(store, storage.join(runs, run_id)) if e["event"] == "checkpoint"]
+                if ckpt and ckpt[-1]["step"] >= 30:
+                    os.kill(ckpt[-1]["pid"], signal.SIGKILL)
+                    killed.update(pid=ckpt[-1]["pid"], step=ckpt[-1]["step"])
+            time.sleep(0.3)
+        out, err = proc.communicate(timeout=max(deadline - time.monotonic(), 1))
+        assert proc.returncode == 0, out[-2000:] + err[-4000:]
+        summary = json.loads(out[out.index("{"):])
+
+        # The run folder and Ray Train's checkpoints are objects in the bucket.
+        run_dir = storage.join(runs, summary["run_id"])
+        names = storage.list_dir(run_dir)
+        assert {"run.json", "progress.jsonl"} <= set(names)
+        final = [n for n in names if n.startswith("checkpoint_") and n.endswith("_final")]
+        assert final and {"model.ubj", "lakeray_state.json"} <= set(storage.list_dir(storage.join(run_dir, final[0])))
+        infos = _bucket_fs(store).get_file_info(pa_fs.FileSelector(f"{BUCKET}/lakehouse/train_runs", recursive=True))
+        assert any(i.path.endswith("/model.ubj") and i.size > 0 for i in infos)
+        assert not [p for p in folder.iterdir() if p.name.startswith("s3") or p.name in ("lakehouse", "train_runs")]
+
+        # The killed group restarted from a checkpoint read back from the bucket, and finished every round.
+        assert killed and summary["path"] == "ray-train" and summary["restarts"] >= 1
+        assert summary["steps"] == 300 and summary["metrics"]["auc"] > 0.75
+        resumed = [e for e in _progress(store, run_dir) if e["event"] == "resumed"]
+        assert resumed and 10 <= resumed[0]["step"] <= 300
+
+        # MLflow: the registry stays in local SQLite, the artifacts are in the bucket.
+        client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{folder}/mlflow.db")
+        version = client.get_model_version_by_alias("bucket_xgb", "challenger")
+        artifact_uri = client.get_run(version.run_id).info.artifact_uri
+        assert artifact_uri.startswith(f"{ROOT}/mlartifacts/")
+        artifacts = _bucket_fs(store).get_file_info(pa_fs.FileSelector(f"{BUCKET}/lakehouse/mlartifacts",
+                                                                       recursive=True))
+        assert any(i.base_name == "MLmodel" for i in artifacts)
+        assert any(i.path.endswith("lakeray/spec.json") for i in artifacts)
+    finally:
+        storage.configure(None)
+
+    # A Serve replica (or any worker) has what the runtime env gives it: the LAKERAY_STORAGE__* and boto3
+    # variables, secrets as ${NAME} expanded from the node's own environment. That is enough to load the
+    # registered model by alias from the bucket and score.
+    worker = storage.worker_env(ROOT, store)
+    assert secrets[SECRET_VAR] not in json.dumps(worker) and worker["AWS_SECRET_ACCESS_KEY"] == f"${{{SECRET_VAR}}}"
+    for name, value in worker.items():
+        monkeypatch.setenv(name, os.path.expandvars(value))
+    mlflow.set_tracking_uri(f"sqlite:///{folder}/mlflow.db")
+    booster = mlflow.xgboost.load_model("models:/bucket_xgb@challenger")
+    scores = booster.inplace_predict(np.array([[2.0, -1.0, 0, 0, 0, 0, 0, 0], [-2.0, 1.0, 0, 0, 0, 0, 0, 0]],
+                                              dtype=np.float32))
+    assert scores[0] > 0.5 > scores[1]
+
+
+def test_wrong_credentials_fail_before_any_worker_starts(project):
+    folder, _, secrets = project
+    started = time.perf_counter()
+    proc = subprocess.run([LAKERAY, "train", "train.yaml", "--json"], cwd=folder,
+                          env=_cli_env(folder, {**secrets, SECRET_VAR: "not-the-secret"}), capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "rejected the credentials" in proc.stdout + proc.stderr
+    assert f"storage.secret_key_env ({SECRET_VAR})" in proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr and time.perf_counter() - started < 60
+    assert "not-the-secret" not in proc.stdout + proc.stderr
