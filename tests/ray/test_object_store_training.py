@@ -191,3 +191,38 @@ def test_wrong_credentials_fail_before_any_worker_starts(project):
     assert f"storage.secret_key_env ({SECRET_VAR})" in proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr and time.perf_counter() - started < 60
     assert "not-the-secret" not in proc.stdout + proc.stderr
+
+
+def test_one_worker_checkpoints_and_progress_are_objects_and_resume_from_the_bucket(project, monkeypatch):
+    """The one-worker path (a Ray task) writes its own checkpoints: upload complete folders, state file
+    last; a folder without it (an upload cut short) is never picked; resume downloads the newest."""
+    from types import SimpleNamespace
+
+    from lakeray.training.runtime import RunFolder, _TaskContext, latest_checkpoint
+
+    _, store, secrets = project
+    for name, value in secrets.items():
+        monkeypatch.setenv(name, value)
+    storage.configure(store)
+    try:
+        run = RunFolder(storage.join(ROOT, "train_runs"), "one-worker")
+        plan = SimpleNamespace(cpus_per_worker=1)
+
+        def model(text: str):
+            return lambda folder: Path(folder, "model.txt").write_text(text)
+
+        first = _TaskContext(plan, run, 0, 1, False, 0)
+        first.progress(0, {}, "started")
+        first.progress(10, {"valid_auc": 0.7})
+        first.checkpoint(10, {"valid_auc": 0.7}, model("ten"))
+        first.checkpoint(20, {"valid_auc": 0.8}, model("twenty"), final=True)
+        storage.write_text_atomic(storage.join(run.path, "checkpoint_000030", "model.txt"), "cut short")
+        newest = latest_checkpoint(run.path)
+        assert newest == f"{ROOT}/train_runs/one-worker/checkpoint_000020_final"
+        found, step = _TaskContext(plan, run, 0, 1, False, 1).resume()
+        assert step == 20 and Path(found, "model.txt").read_text() == "twenty" and storage.is_local(found)
+        events = [json.loads(line) for line in storage.read_text(run.progress_file).splitlines()]
+        assert [e["event"] for e in events] == ["started", "step", "checkpoint", "checkpoint", "resumed"]
+        assert [e["attempt"] for e in events] == [0, 0, 0, 0, 1]
+    finally:
+        storage.configure(None)

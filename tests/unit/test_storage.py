@@ -153,3 +153,85 @@ def test_storage_paths_are_not_built_with_pathlib():
             offenders[rel] = uses
     assert offenders == {}, ("build storage paths with lakeray.storage (pathlib.Path('s3a://b/x') is 's3a:/b/x'); "
                              f"or whitelist a local-only use in _LOCAL_ONLY with the reason: {offenders}")
+
+
+# --- other processes: Ray workers, Serve replicas, boto3 ------------------------------------------
+
+
+def _object_store_config():
+    from lakeray.config import StorageConfig
+
+    return StorageConfig(root="s3a://b/lake", endpoint_url="http://127.0.0.1:9000", access_key_env="MY_KEY",
+                         secret_key_env="MY_SECRET", path_style=True, allow_http=True, timeout_s=7)
+
+
+def test_worker_env_carries_settings_and_secret_names_never_values(monkeypatch):
+    monkeypatch.setenv("MY_KEY", "AKIA-DISTINCT-KEY")
+    monkeypatch.setenv("MY_SECRET", "s3cr3t-DISTINCT-VALUE")
+    env = storage.worker_env("s3a://b/lake", _object_store_config())
+    assert "DISTINCT" not in repr(env)
+    assert env["LAKERAY_STORAGE__ROOT"] == "s3a://b/lake" and env["LAKERAY_STORAGE__SECRET_KEY_ENV"] == "MY_SECRET"
+    assert env["LAKERAY_STORAGE__PATH_STYLE"] == "true" and env["LAKERAY_STORAGE__TIMEOUT_S"] == "7.0"
+    # boto3 (MLflow's artifacts) gets references Ray expands from each node's own environment.
+    assert env["AWS_ACCESS_KEY_ID"] == "${MY_KEY}" and env["AWS_SECRET_ACCESS_KEY"] == "${MY_SECRET}"
+    assert env["MLFLOW_S3_ENDPOINT_URL"] == "http://127.0.0.1:9000" and env["MLFLOW_BOTO_CLIENT_ADDRESSING_STYLE"] == "path"
+    assert storage.worker_env("/data/lake", _object_store_config()) == {}
+
+
+def test_a_process_without_a_profile_resolves_the_store_from_the_worker_env(monkeypatch):
+    cfg = _object_store_config()
+    monkeypatch.setenv("MY_KEY", "AKIA1")
+    monkeypatch.setenv("MY_SECRET", "s3cr3t")
+    for name, value in storage.worker_env(cfg.root, cfg).items():
+        monkeypatch.setenv(name, os.path.expandvars(value))  # what Ray does on the worker
+    saved = storage._default
+    storage.configure(None)
+    try:
+        assert storage.configured() == storage.StoreSettings.of(cfg)
+        options = storage.delta_options("s3://b/lake/tables/t")
+        assert options["AWS_ENDPOINT_URL"] == "http://127.0.0.1:9000" and options["AWS_SECRET_ACCESS_KEY"] == "s3cr3t"
+        assert options["AWS_VIRTUAL_HOSTED_STYLE_REQUEST"] == "false" and options["timeout"] == "7s"
+    finally:
+        storage.configure(saved)
+
+
+def test_ray_train_storage_filesystem_pickles_without_the_secret(monkeypatch):
+    import pickle
+
+    monkeypatch.setenv("MY_KEY", "AKIA-DISTINCT-KEY")
+    monkeypatch.setenv("MY_SECRET", "s3cr3t-DISTINCT-VALUE")
+    filesystem, path = storage.worker_arrow_fs("s3a://b/lake/train_runs", _object_store_config())
+    assert path == "b/lake/train_runs"
+    payload = pickle.dumps(filesystem)
+    assert b"DISTINCT" not in payload
+    assert pickle.loads(payload).handler.store == storage.StoreSettings.of(_object_store_config())
+
+
+@pytest.fixture
+def keep_process_store():
+    """load_settings with an object-store root makes it this process's default: put the old one back."""
+    saved = storage._default
+    yield
+    storage.configure(saved)
+
+
+def test_training_run_folders_and_mlflow_artifacts_on_an_object_store_root(tmp_path, keep_process_store):
+    from lakeray.config import load_settings
+    from lakeray.training.runtime import run_folder
+    from lakeray.training.tracking import artifact_location, check_store
+
+    env = {"LAKERAY_STORAGE__ROOT": "s3a://b/lake", "LAKERAY_STORAGE__ENDPOINT_URL": "http://127.0.0.1:9000",
+           "LAKERAY_STORAGE__ALLOW_HTTP": "true"}
+    settings = load_settings(None, environ=env)
+    run = run_folder(settings, "r1")
+    assert run.path == "s3a://b/lake/train_runs/r1" and run.progress_file == "s3a://b/lake/train_runs/r1/progress.jsonl"
+    with pytest.raises(ConfigError, match=r"the default SQLite registry cannot live in a bucket"):
+        check_store(settings)
+    sqlite = load_settings(None, environ={**env, "LAKERAY_MLFLOW__TRACKING_URI": f"sqlite:///{tmp_path}/m.db"})
+    check_store(sqlite)
+    assert artifact_location(sqlite) == "s3://b/lake/mlartifacts"  # boto3's scheme, not Hadoop's s3a
+    server = load_settings(None, environ={**env, "LAKERAY_MLFLOW__TRACKING_URI": "http://mlflow:5000"})
+    assert artifact_location(server) is None  # the server's own artifact root
+    local = load_settings(None, environ={"LAKERAY_STORAGE__ROOT": str(tmp_path)})
+    assert run_folder(local, "r1").path == f"{tmp_path}/train_runs/r1"
+    assert artifact_location(local) == f"file://{tmp_path}/mlartifacts"
