@@ -328,22 +328,29 @@ def _duckdb_memory_mb(settings: Settings) -> int:
 
 def _duckdb_joined(settings: Settings, pinned: TrainingSetSpec, hash_version: int):
     """The point-in-time join of a pinned spec as an Arrow table, in DuckDB."""
+    from concurrent.futures import ThreadPoolExecutor
+
     import duckdb
 
     from lakeray.lakehouse.delta import read_arrow
     from lakeray.lakehouse.pit import FeatureSource
     from lakeray.lakehouse.pit_duckdb import point_in_time_join_arrow
 
-    labels = read_arrow(settings.table_path(pinned.labels), pinned.labels_version)
-    sources = []
-    for ref in pinned.features:
+    def read_source(ref) -> FeatureSource:
         wanted = list(dict.fromkeys([*ref.entity_keys, ref.event_time, *ref.columns]))
         path = settings.table_path(ref.table)
         have = read_arrow(path, ref.version, files=[]).schema.names
         # Missing columns are reported by the join's checks, with the Spark engine's words.
         table = read_arrow(path, ref.version, columns=[c for c in wanted if c in have])
-        sources.append(FeatureSource(ref.table, table, tuple(ref.entity_keys), ref.event_time, tuple(ref.columns),
-                                     ref.max_age_s, tuple(ref.join_keys[k] for k in ref.entity_keys)))
+        return FeatureSource(ref.table, table, tuple(ref.entity_keys), ref.event_time, tuple(ref.columns),
+                             ref.max_age_s, tuple(ref.join_keys[k] for k in ref.entity_keys))
+
+    # The tables are read side by side: a read is Parquet decoding in Arrow's threads plus per-file
+    # waits (object stores), and one table alone does not keep both cores busy.
+    with ThreadPoolExecutor(2) as pool:
+        labels_read = pool.submit(read_arrow, settings.table_path(pinned.labels), pinned.labels_version)
+        sources = list(pool.map(read_source, pinned.features))
+        labels = labels_read.result()
     spill = None
     if settings.profile.training_sets.duckdb_spill:
         # DuckDB spills to a local folder: beside a local lakehouse, else in this machine's temp folder.

@@ -191,17 +191,31 @@ def point_in_time_join_arrow(labels: pa.Table, label_keys: list[str], label_time
         matches = _as_of_all(con, labels, label_t, sources, feat_times, hash_version)
     finally:
         con.close()
-    out = {name: labels.column(name) for name in labels.column_names}
-    for src, names, feat_t, match in zip(sources, names_of, feat_times, matches, strict=True):
+    def taken(src: FeatureSource, feat_t, match) -> list[pa.Array]:
         found = match.is_valid().to_numpy(zero_copy_only=False)
         rows = _numpy(match, 0)
         if src.max_age_s is not None:
             age = _numpy(label_t, 0) - _numpy(feat_t, 0)[rows]
             found &= age <= src.max_age_s * 1e6
-        for name, col in zip(names, src.columns, strict=True):
-            out[name] = _gather(src.df.column(col), rows, found) if src.df.num_rows else \
-                pa.nulls(labels.num_rows, src.df.schema.field(col).type)
+        return [_gather(src.df.column(col), rows, found) if src.df.num_rows else
+                pa.nulls(labels.num_rows, src.df.schema.field(col).type) for col in src.columns]
+
+    # One feature table's gathers per thread: numpy's take and Arrow's run without the GIL, and the
+    # join has left both cores idle (~0.4 → ~0.25 s for 3 tables at 5M rows on 2 cores).
+    with _pool(len(sources)) as pool:
+        columns = list(pool.map(taken, sources, feat_times, matches))
+    out = {name: labels.column(name) for name in labels.column_names}
+    for names, cols in zip(names_of, columns, strict=True):
+        out.update(zip(names, cols, strict=True))
     return pa.table(out)
+
+
+def _pool(tasks: int):
+    """A thread pool for per-table numpy/Arrow work, no wider than the machine or the work."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    return ThreadPoolExecutor(max(1, min(tasks, os.cpu_count() or 1)))
 
 
 def _as_of_all(con, labels: pa.Table, label_t, sources: list[FeatureSource], feat_times, hash_version: int):
@@ -226,11 +240,15 @@ def _as_of_all(con, labels: pa.Table, label_t, sources: list[FeatureSource], fea
     def row_numbers(count: int):
         return np.arange(count, dtype=np.int32 if count < 2**31 else np.int64)
 
+    # The tie checks (numpy sorts, no GIL) of all tables at once, one per thread.
+    with _pool(len(sources)) as pool:
+        ties = list(pool.map(lambda src, feat_t: _may_tie([src.df.column(c) for c in src.entity_keys], feat_t),
+                             sources, feat_times))
     lab = {"__rid": row_numbers(n), "__t": label_t}
     packed_labels = False
     label_cols: dict[str, str] = {}  # label column → its name in __lab
     selects, joins = [], []
-    for i, (src, feat_t) in enumerate(zip(sources, feat_times, strict=True)):
+    for i, (src, feat_t, tied) in enumerate(zip(sources, feat_times, ties, strict=True)):
         keys = []
         for j, (feature_key, label_key) in enumerate(zip(src.entity_keys, src.joins_on, strict=True)):
             if label_key not in label_cols:
@@ -241,7 +259,6 @@ def _as_of_all(con, labels: pa.Table, label_t, sources: list[FeatureSource], fea
                 **{k: src.df.column(c) for (k, _), c in zip(keys, src.entity_keys, strict=True)},
                 "__t": feat_t}
         con.register(f"__f{i}", pa.table(feat))
-        tied = _may_tie([src.df.column(c) for c in src.entity_keys], feat_t)
         if tied is None:  # keys numpy cannot compare bit for bit (strings, floats): DuckDB counts
             valid = " AND ".join(f"{k} IS NOT NULL" for k, _ in keys)
             tied = con.sql(f"SELECT count(*) - count(DISTINCT hash({', '.join(k for k, _ in keys)}, __t)) "
