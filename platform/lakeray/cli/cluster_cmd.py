@@ -21,8 +21,9 @@ def cluster() -> None:
 
 
 @cluster.command()
-@click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Extra Ray worker nodes on this machine (each its own raylet).")
+@click.option("--workers", type=click.IntRange(min=0), default=None,
+              help="Extra Ray worker nodes on this machine (each its own raylet) [0]; with --on-spark, Ray "
+                   "worker nodes as Spark tasks [1].")
 @click.option("--head-cpus", type=click.IntRange(min=1), default=None,
               help="Logical CPUs of the Ray head (default: cores + 2, as a private local Ray).")
 @click.option("--worker-cpus", type=click.IntRange(min=1), default=1, show_default=True)
@@ -40,15 +41,25 @@ def cluster() -> None:
 @click.option("--share-token", is_flag=True, default=False,
               help="With --head: copy the head's Ray token to <storage root>/cluster/auth_token (mode 0600), "
                    "so hosts sharing the storage root join without --token-file.")
+@click.option("--on-spark", "spark_master", default=None, metavar="MASTER_URL",
+              help="Ray on an existing Spark standalone cluster (spark://HOST:PORT): the Ray head next to a "
+                   "detached Spark driver on this host, --workers Ray worker nodes of --worker-cpus as Spark tasks.")
 @click.pass_context
-def up(ctx: click.Context, workers: int, head_cpus: int | None, worker_cpus: int, no_spark: bool, as_head: bool,
-       node_ip: str | None, port: int | None, spark_port: int | None, spark_ui_port: int | None,
-       share_token: bool) -> None:
+def up(ctx: click.Context, workers: int | None, head_cpus: int | None, worker_cpus: int, no_spark: bool,
+       as_head: bool, node_ip: str | None, port: int | None, spark_port: int | None, spark_ui_port: int | None,
+       share_token: bool, spark_master: str | None) -> None:
     """Start a local Ray head (dashboard + Jobs API on 127.0.0.1), worker nodes and a Spark standalone
     master + worker; every lakeray command of this project then uses it instead of a private Ray.
-    With --head, other hosts join it (`lakeray cluster join`)."""
+    With --head, other hosts join it (`lakeray cluster join`). With --on-spark, Ray runs inside an
+    existing Spark cluster instead."""
     from lakeray.cluster.local_cluster import up as start
 
+    if spark_master is not None:
+        _up_on_spark(ctx, spark_master, workers, worker_cpus,
+                     {"--head": as_head or None, "--head-cpus": head_cpus, "--no-spark": no_spark or None,
+                      "--address": node_ip, "--port": port, "--spark-port": spark_port,
+                      "--spark-ui-port": spark_ui_port, "--share-token": share_token or None})
+        return
     head_only = {"--address": node_ip, "--port": port, "--spark-port": spark_port,
                  "--spark-ui-port": spark_ui_port, "--share-token": share_token or None}
     if not as_head and any(v is not None for v in head_only.values()):
@@ -61,7 +72,7 @@ def up(ctx: click.Context, workers: int, head_cpus: int | None, worker_cpus: int
                      "spark_port": spark_port or SPARK_PORT, "spark_ui_port": spark_ui_port or SPARK_UI_PORT,
                      "share_token": share_token}
     started = time.perf_counter()
-    state = start(settings_from(ctx), workers=workers, head_cpus=head_cpus, worker_cpus=worker_cpus,
+    state = start(settings_from(ctx), workers=workers or 0, head_cpus=head_cpus, worker_cpus=worker_cpus,
                   spark=not no_spark, **head_args)
     click.echo(f"cluster up in {time.perf_counter() - started:.1f} s")
     click.echo(f"  ray:       {state.ray_address} ({1 + state.worker_nodes} node(s)); dashboard + jobs API "
@@ -75,6 +86,24 @@ def up(ctx: click.Context, workers: int, head_cpus: int | None, worker_cpus: int
         click.echo(f"  join:      `lakeray cluster join {state.ray_address}` on the other hosts; {how}")
     click.echo(f"  logs:      {state.log_dir}")
     click.echo("  stop it with `lakeray cluster down`")
+
+
+def _up_on_spark(ctx: click.Context, spark_master: str, workers: int | None, worker_cpus: int,
+                 excluded: dict[str, object]) -> None:
+    from lakeray.cluster.on_spark import up_on_spark
+
+    if any(v is not None for v in excluded.values()):
+        raise click.UsageError(f"{', '.join(k for k, v in excluded.items() if v is not None)} cannot go with --on-spark")
+    started = time.perf_counter()
+    state = up_on_spark(settings_from(ctx), spark_master, workers=1 if workers is None else workers,
+                        worker_cpus=worker_cpus)
+    click.echo(f"ray on spark up in {time.perf_counter() - started:.1f} s")
+    click.echo(f"  ray:       {state.ray_address} (head + {state.worker_nodes} worker node(s) as Spark tasks); "
+               f"dashboard + jobs API {state.dashboard_url}")
+    click.echo(f"  spark:     application {state.spark_app_id} on {state.spark_master_url} (UI {state.spark_app_ui_url}), "
+               f"driver pid {state.driver_pid}")
+    click.echo(f"  logs:      {state.log_dir}")
+    click.echo("  stop it with `lakeray cluster down` (the Ray nodes and the Spark application)")
 
 
 @cluster.command()
@@ -133,11 +162,17 @@ def status(ctx: click.Context, as_json: bool) -> None:
     for node in info["nodes"]:
         click.echo(f"  {'head  ' if node['head'] else 'worker'} {node['node_id']} {node['address']} "
                    f"cpus {node['cpus']:g} gpus {node['gpus']:g}")
-    if info["spark_master_url"]:
+    if info["spark_master_url"] and not info["spark_ui_url"]:
+        click.echo(f"spark {info['spark_master_url']} (not lakeray's: its workers are on its own UI)")
+    elif info["spark_master_url"]:
         click.echo(f"spark {info['spark_master_url']} (UI {info['spark_ui_url']}): "
                    f"{len(info['spark_workers'])} worker(s)")
         for worker in info["spark_workers"]:
             click.echo(f"  {worker['host']} cores {worker['cores']} memory {worker['memory_mb']} MiB {worker['state']}")
+    if info.get("on_spark"):
+        on_spark = info["on_spark"]
+        click.echo(f"ray on spark: application {on_spark['spark_app_id']} (UI {on_spark['spark_app_ui_url']}), "
+                   f"driver pid {on_spark['driver_pid']}")
     click.echo(f"mlflow {info['mlflow_tracking_uri']}")
 
 

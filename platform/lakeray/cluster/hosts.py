@@ -29,6 +29,7 @@ from lakeray.cluster.processes import (
     is_local_address,
     kill_ray_processes,
     ray_env,
+    route_source,
     run_logged,
     spark_env,
     spark_worker_command,
@@ -90,32 +91,62 @@ def _split(head_address: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def _route_source(host: str, port: int) -> str:
-    """This host's address on the route to the head (a UDP connect sends nothing)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        try:
-            sock.connect((host, port))
-        except OSError as exc:
-            raise ClusterError(f"no route from this host to the head {host}: {exc}",
-                               "check the head's address and this host's network") from None
-        return sock.getsockname()[0]
-
-
-def _token_path(settings: Settings, token_file_flag: str | None) -> str | None:
-    """The token file for `ray start`, or None when Ray's own env vars already name it."""
+def _token_path(settings: Settings, token_file_flag: str | None) -> tuple[str | None, str]:
+    """The token file for `ray start` (None when Ray's own env vars already name it) and where the token
+    comes from, for error messages (never the token itself)."""
     if token_file_flag:
         if not os.path.isfile(token_file_flag):
             raise ClusterError(f"--token-file {token_file_flag} does not exist",
                                "copy the head's token there (`ray get-auth-token` on the head prints it)")
-        return os.path.abspath(token_file_flag)
-    if os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"):
-        return None
-    for path in (token_file(settings), os.path.expanduser("~/.ray/auth_token")):
+        return os.path.abspath(token_file_flag), f"--token-file {token_file_flag}"
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return None, "the RAY_AUTH_TOKEN environment variable"
+    if os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        return None, f"RAY_AUTH_TOKEN_PATH={os.environ['RAY_AUTH_TOKEN_PATH']}"
+    for path, what in ((token_file(settings), "the token the head shared under the storage root"),
+                       (os.path.expanduser("~/.ray/auth_token"), "this host's ~/.ray/auth_token")):
         if os.path.isfile(path):
-            return path
+            return path, f"{what} ({path})"
     raise ClusterError("no Ray token to join the head with (Ray 2.60 token auth)",
                        "pass --token-file (the head's ~/.ray/auth_token), set RAY_AUTH_TOKEN_PATH, or start the "
                        "head with --share-token on a storage root this host shares")
+
+
+# A GCS client is the first thing `ray start --address` makes: the head refuses a wrong token there.
+# Asked alone it answers in about a second; `ray start` retries it for ~20 s and then prints a traceback.
+_TOKEN_PROBE = """
+import sys
+from ray._raylet import GcsClient
+from ray.exceptions import AuthenticationError
+try:
+    GcsClient(address=sys.argv[1])
+except AuthenticationError:
+    print("refused")
+except Exception as exc:
+    print("unknown", type(exc).__name__)
+else:
+    print("ok")
+"""
+
+
+def _check_token(head: str, env: dict[str, str], source: str, log: str, timeout_s: float) -> None:
+    """ClusterError naming the token's source when the head refuses it; anything else is left to
+    `ray start`, which reports it (an unrelated failure of the probe must not block a join)."""
+    import subprocess
+    import sys
+
+    try:
+        done = subprocess.run([sys.executable, "-c", _TOKEN_PROBE, head], env=env, capture_output=True, text=True,
+                              timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return
+    with open(log, "a", encoding="utf-8") as out:
+        out.write(f"token check against {head}: {done.stdout.strip() or done.stderr.strip()[-500:]}\n")
+    if done.stdout.strip() == "refused":
+        raise ClusterError(f"the head at {head} refused this host's Ray token (from {source}): it is not the head's",
+                           "use the head's token (`ray get-auth-token` on the head prints it): put it in a file "
+                           "passed with --token-file or named by RAY_AUTH_TOKEN_PATH, or start the head with "
+                           "--share-token on a storage root this host shares")
 
 
 def _wait_registered(log: str, master_url: str, timeout_s: float) -> None:
@@ -146,7 +177,7 @@ def join(settings: Settings, head_address: str, node_ip: str | None = None, cpus
                                "start it there with `lakeray cluster up --head --address IP`; check the address "
                                f"and that port {head_port} is open between the hosts")
         time.sleep(0.5)
-    node_ip = node_ip or _route_source(head_host, head_port)
+    node_ip = node_ip or route_source(head_host, head_port)
     if not is_local_address(node_ip):
         raise ClusterError(f"{node_ip} is not an address of this host", "pass one of this host's addresses to --address")
     head_state = read_state(settings)
@@ -156,7 +187,7 @@ def join(settings: Settings, head_address: str, node_ip: str | None = None, cpus
     if os.path.isfile(path):
         raise ClusterError(f"this host ({node_ip}) already joined a lakeray cluster for {settings.storage_root}",
                            "`lakeray cluster down` on this host leaves it")
-    token = _token_path(settings, token_file_flag)
+    token, token_source = _token_path(settings, token_file_flag)
     if spark and spark_master is None:
         # The head's state, when this host shares its storage root; the well-known port otherwise.
         spark_master = (head_state.spark_master_url if head_state is not None and head_state.ray_address == head
@@ -170,10 +201,12 @@ def join(settings: Settings, head_address: str, node_ip: str | None = None, cpus
     env = ray_env(state.temp_dir)
     if token is not None:
         env["RAY_AUTH_TOKEN_PATH"] = token
+    ray_log = os.path.join(state.log_dir, "ray-start.log")
+    _check_token(head, env, token_source, ray_log, timeout_s=min(timeout_s, 60.0))  # before anything starts
     try:
         run_logged([bin_path("ray"), "start", "--address", head, "--node-ip-address", node_ip, *agent_port_args(),
                     "--num-cpus", str(state.cpus), "--temp-dir", state.temp_dir, "--disable-usage-stats"],
-                   env, os.path.join(state.log_dir, "ray-start.log"), timeout_s)
+                   env, ray_log, timeout_s)
         if spark_master:
             master_host, _, master_port = spark_master.removeprefix("spark://").rpartition(":")
             if not answers(f"{master_host}:{master_port}", timeout_s=connect_timeout_s):

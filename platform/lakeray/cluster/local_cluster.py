@@ -49,7 +49,7 @@ if TYPE_CHECKING:
     from lakeray.config import Settings
 
 __all__ = ["ClusterState", "up", "down", "status", "running", "state_file", "token_file", "temp_dir_for", "local_root",
-           "read_state"]
+           "read_state", "write_state", "refuse_if_running"]
 
 _HOST = LOOPBACK
 
@@ -71,6 +71,11 @@ class ClusterState:
     log_dir: str = ""
     node_ip: str = _HOST  # the head's address; another host joins it there (loopback: this machine only)
     token_file: str | None = None  # the head's token, shared under the storage root (`up --share-token`)
+    # Ray on an existing Spark cluster (`up --on-spark`, lakeray.cluster.on_spark): the detached driver
+    # that holds the Spark application hosting the Ray nodes; `down` stops it.
+    driver_pid: int | None = None
+    spark_app_id: str | None = None
+    spark_app_ui_url: str | None = None
 
     def connect_kwargs(self) -> dict[str, Any]:
         """``ray.init`` arguments for a driver of this cluster. Call it before ``import ray``: an explicit
@@ -126,6 +131,24 @@ def running(settings: Settings) -> ClusterState | None:
     return state if state is not None and answers(state.ray_address) else None
 
 
+def refuse_if_running(settings: Settings) -> None:
+    """ClusterError when a cluster of this storage root is already running."""
+    existing = running(settings)
+    if existing is not None:
+        joined = "" if is_local_address(existing.node_ip) else (
+            f"; join it from this host with `lakeray cluster join {existing.ray_address}`")
+        raise ClusterError(f"a lakeray cluster is already running for {settings.storage_root} "
+                           f"(Ray at {existing.ray_address}){joined}", "`lakeray cluster status` shows it; "
+                           "`lakeray cluster down` on its head stops it")
+
+
+def write_state(settings: Settings, state: ClusterState) -> None:
+    tmp = state_file(settings) + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(asdict(state), fh, indent=2)
+    os.replace(tmp, state_file(settings))
+
+
 def _start_spark(state: ClusterState, cores: int, memory_mb: int, timeout_s: float,
                  port: int | None = None, ui_port: int | None = None) -> None:
     """A standalone master and one worker, each a JVM in its own session (so `down` can stop it)."""
@@ -169,13 +192,7 @@ def up(settings: Settings, workers: int = 0, head_cpus: int | None = None, worke
     fixed, so other hosts know where to join); ``share_token`` copies the head's Ray token to
     :func:`token_file` for hosts that share the storage root.
     """
-    existing = running(settings)
-    if existing is not None:
-        joined = "" if is_local_address(existing.node_ip) else (
-            f"; join it from this host with `lakeray cluster join {existing.ray_address}`")
-        raise ClusterError(f"a lakeray cluster is already running for {settings.storage_root} "
-                           f"(Ray at {existing.ray_address}){joined}", "`lakeray cluster status` shows it; "
-                           "`lakeray cluster down` on its head stops it")
+    refuse_if_running(settings)
     if not is_local_address(node_ip):
         raise ClusterError(f"{node_ip} is not an address of this host", "pass one of this host's addresses to --address")
     for name, wanted in (("--port", port), ("--spark-port", spark_port), ("--spark-ui-port", spark_ui_port)):
@@ -215,10 +232,7 @@ def up(settings: Settings, workers: int = 0, head_cpus: int | None = None, worke
     except BaseException:
         _stop(state)  # nothing half-started is left running
         raise
-    tmp = state_file(settings) + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(asdict(state), fh, indent=2)
-    os.replace(tmp, state_file(settings))
+    write_state(settings, state)
     return state
 
 
@@ -237,6 +251,10 @@ def _share_token(settings: Settings) -> str:
 
 
 def _stop(state: ClusterState) -> list[int]:
+    if state.driver_pid is not None:
+        from lakeray.cluster.on_spark import stop_driver
+
+        return stop_driver(state)
     return stop_groups(state.spark_pids) + kill_ray_processes(state.temp_dir)
 
 
@@ -278,4 +296,7 @@ def status(settings: Settings) -> dict[str, Any] | None:
             "spark_master_url": state.spark_master_url, "spark_ui_url": state.spark_ui_url,
             "mlflow_tracking_uri": settings.mlflow_tracking_uri, "nodes": [n for n in nodes if n["alive"]],
             "cpus": resources.get("CPU", 0), "gpus": resources.get("GPU", 0), "spark_workers": spark_workers,
+            "on_spark": None if state.driver_pid is None else {
+                "driver_pid": state.driver_pid, "spark_app_id": state.spark_app_id,
+                "spark_app_ui_url": state.spark_app_ui_url},
             "uptime_s": round(time.time() - state.started_at, 1)}

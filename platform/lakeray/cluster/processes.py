@@ -16,7 +16,7 @@ import time
 
 from lakeray.errors import ClusterError
 
-__all__ = ["LOOPBACK", "free_port", "is_local_address", "port_free", "answers", "bin_path", "run_logged",
+__all__ = ["LOOPBACK", "free_port", "is_local_address", "route_source", "port_free", "answers", "bin_path", "run_logged",
            "agent_port_args", "ray_env", "spark_home", "spark_worker_command", "spark_env",
            "start_jvm", "current_token", "spark_worker_memory_mb", "ray_pids", "alive", "terminate",
            "kill_ray_processes", "group_members", "stop_groups"]
@@ -39,6 +39,17 @@ def is_local_address(ip: str) -> bool:
         return True
     except OSError:
         return False
+
+
+def route_source(host: str, port: int) -> str:
+    """This host's address on the route to ``host`` (a UDP connect sends nothing)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.connect((host, port))
+        except OSError as exc:
+            raise ClusterError(f"no route from this host to {host}: {exc}",
+                               "check the address and this host's network") from None
+        return sock.getsockname()[0]
 
 
 def port_free(ip: str, port: int) -> bool:
