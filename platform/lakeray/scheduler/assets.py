@@ -2,21 +2,20 @@
 
 A feature asset calls lakeray's own runner (``run_feature_job``), so quality gates, lineage and the run
 ledger are the ones ``lakeray features run`` uses; its materialisation records the committed Delta
-version and the input versions. Train and serve assets run ``lakeray train|serve deploy SPEC`` in a
-child process (the same command a user types; Ray stays out of the Dagster run process).
+version and the input versions. Train and serve assets run ``lakeray train|serve deploy SPEC`` (the
+same command a user types) in a child process, or as a Ray job on a cluster profile (spec_runs.py).
 
 Exactly once per interval: each run request carries the run key ``<schedule>:<interval>`` and the
 tags ``lakeray/schedule`` and ``lakeray/interval``. Dagster refuses a second run for the same key in
 the same tick (a daemon killed mid-tick re-does the tick); the evaluation below also skips every
 interval that already has a run, whichever tick asks, which is what makes catch-up safe to repeat.
+A run re-executed after its worker died finds the commits it already made (the interval is in each
+commit's metadata) and skips them, so a crash between commit and success never commits twice.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import subprocess
-import sys
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import dagster as dg
@@ -146,6 +145,16 @@ def _feature_asset(task: Task) -> dg.AssetsDefinition:
 
         runtime: Runtime = context.resources.lakeray
         start = end = None
+        interval = context.run.tags.get(INTERVAL_TAG)
+        # A re-executed run (its worker died) or a retried step may find its interval committed already;
+        # a first attempt cannot, and skips the history read.
+        if interval is not None and ("dagster/parent_run_id" in context.run.tags or context.retry_number > 0):
+            done = _committed_interval(runtime, task.target, interval)
+            if done is not None:
+                context.log.info("%s %s: skipped, committed at version %s by the same code version",
+                                 task.name, interval, done["version"])
+                return dg.MaterializeResult(metadata={"delta_version": done["version"], "skipped": True,
+                                                      "lakeray_run_id": done["run"].get("lakeray_run_id", "")})
         if context.has_partition_key:
             day = dt.date.fromisoformat(context.partition_key)
             start, end = day.isoformat(), (day + dt.timedelta(days=1)).isoformat()
@@ -156,7 +165,8 @@ def _feature_asset(task: Task) -> dg.AssetsDefinition:
                     context.log.info("%s %s: skipped, committed at version %s by the same code version",
                                      task.name, start, skipped["version"])
                     return dg.MaterializeResult(metadata={"delta_version": skipped["version"], "skipped": True})
-        result = run_feature_job(runtime.spark(), runtime.settings, task.target, start=start, end=end)
+        result = run_feature_job(runtime.spark(), runtime.settings, task.target, start=start, end=end,
+                                 interval=interval)
         return dg.MaterializeResult(metadata={
             "delta_version": result.version,
             "input_versions": dg.MetadataValue.json(result.input_versions),
@@ -183,9 +193,23 @@ def _committed_by_same_code(runtime: Runtime, name: str, start: str, end: str) -
     return committed_by_same_code(table_history(spark, path), find_job(runtime.settings, name).code_version, start, end)
 
 
-def _lakeray_command() -> list[str]:
-    script = Path(sys.executable).with_name("lakeray")
-    return [str(script)] if script.is_file() else [sys.executable, "-c", "from lakeray.cli.main import main; main()"]
+def _committed_interval(runtime: Runtime, name: str, interval: str) -> dict[str, Any] | None:
+    """The commit that already holds scheduled ``interval`` of table ``name`` from the job's current code
+    version, or None: the per-interval marker that keeps a retried run from committing twice. Same rule
+    as backfills (committed by the same code version → skipped); new code reruns the interval."""
+    from lakeray.features.runner import find_job
+    from lakeray.lakehouse.delta import table_exists, table_history
+
+    spark, path = runtime.spark(), runtime.settings.table_path(name)
+    if not table_exists(spark, path):
+        return None
+    code_version = find_job(runtime.settings, name).code_version
+    # A retry runs soon after its interval: at most a catch-up's worth of newer commits lies above it.
+    for commit in table_history(spark, path, limit=2 * MAX_CATCHUP):
+        run = commit["run"]
+        if run.get("interval") == interval and run.get("code_version") == code_version:
+            return commit
+    return None
 
 
 def _spec_asset(task: Task) -> dg.AssetsDefinition:
@@ -193,21 +217,16 @@ def _spec_asset(task: Task) -> dg.AssetsDefinition:
               required_resource_keys={"lakeray"}, group_name=task.kind, kinds={"ray"},
               description=task.description)
     def _run_spec(context):
-        settings = context.resources.lakeray.settings
-        verb = ["train"] if task.kind == "train" else ["serve", "deploy"]
-        config = [] if settings.source.startswith("<") else ["--config", settings.source]
-        command = [*_lakeray_command(), *config, "--profile", settings.profile_name, *verb, task.target]
-        context.log.info("running %s", " ".join(command))
-        try:
-            done = subprocess.run(command, capture_output=True, text=True, timeout=task.timeout_s,
-                                  cwd=settings.project_dir)
-        except subprocess.TimeoutExpired:
-            raise dg.Failure(f"{task.name}: `{' '.join(verb)}` ran past timeout_s={task.timeout_s}") from None
-        tail = (done.stdout + done.stderr).strip().splitlines()[-20:]
-        if done.returncode != 0:
-            raise dg.Failure(f"{task.name}: `lakeray {' '.join(verb)}` exited {done.returncode}",
-                             metadata={"output": dg.MetadataValue.text("\n".join(tail))})
-        return dg.MaterializeResult(metadata={"spec": task.target, "output": dg.MetadataValue.text("\n".join(tail))})
+        from lakeray.scheduler.spec_runs import run_spec
+
+        done = run_spec(context.resources.lakeray.settings, task,
+                        f"lakeray-{task.name}-{context.run_id[:8]}-{context.retry_number}", context.log.info)
+        metadata = {"spec": task.target, "route": done.route, "output": dg.MetadataValue.text(done.output)}
+        if done.ray_job_id is not None:
+            metadata.update(ray_job_id=done.ray_job_id, ray_address=done.ray_address)
+        if not done.ok:
+            raise dg.Failure(done.message, metadata=metadata)
+        return dg.MaterializeResult(metadata=metadata)
 
     return _run_spec
 

@@ -131,19 +131,25 @@ def status(settings: Settings) -> dict[str, object]:
 
 def start(settings: Settings, port: int | None = None, wait_s: float = 180.0) -> SchedulerState:
     """Validate the project's schedules, then start the daemon and the webserver; returns when the UI
-    answers (ClusterError, with the log's tail, when it does not within ``wait_s``)."""
+    answers (ClusterError, with the log's tail, when it does not within ``wait_s``).
+
+    After a crash only what is gone is started again: a daemon that died (killed, out of memory) next to
+    a live webserver is restarted alone, on the same storage, and the UI keeps its URL.
+    """
     import dagster as dg
 
     from lakeray.scheduler.assets import build_definitions
 
     current = _read_state(settings)
-    if current is not None and (_ours(current.daemon_pid, "dagster-daemon")
-                                or _ours(current.webserver_pid, "dagster-webserver")):
-        raise ClusterError(f"the scheduler already runs for this project ({current.url})",
+    alive = {"dagster-daemon": current is not None and _ours(current.daemon_pid, "dagster-daemon"),
+             "dagster-webserver": current is not None and _ours(current.webserver_pid, "dagster-webserver")}
+    if all(alive.values()):
+        raise ClusterError(f"the scheduler already runs for this project ({current.url})",  # type: ignore[union-attr]
                            "`lakeray scheduler stop` first, or use the running one")
-    if current is not None:  # a daemon killed alone leaves its code server and run worker in its group
-        _stop_groups([pid for pid in (current.daemon_pid, current.webserver_pid)
-                      if any(member != pid for member in group_members(pid))], 15.0)
+    if current is not None:  # a process killed alone leaves its children (code server, run worker) in its group
+        _stop_groups([pid for pid, name in ((current.daemon_pid, "dagster-daemon"),
+                                            (current.webserver_pid, "dagster-webserver"))
+                      if not alive[name] and any(member != pid for member in group_members(pid))], 15.0)
     dg.Definitions.validate_loadable(build_definitions(settings))  # a bad declaration fails here, not in the daemon
     home = dagster_home(settings)
     logs = home / _LOGS
@@ -153,28 +159,32 @@ def start(settings: Settings, port: int | None = None, wait_s: float = 180.0) ->
     # moment can lose the race and exit.
     with dg.DagsterInstance.from_config(str(home)) as instance:
         instance.all_instigator_state()
-        _fail_orphaned_runs(instance)
+        if not alive["dagster-daemon"]:  # every run worker lived in the dead daemon's group
+            _fail_orphaned_runs(instance)
     workspace = home / "workspace.yaml"
     workspace.write_text(_WORKSPACE_YAML.format(project_dir=json.dumps(str(settings.project_dir))))
     config = "" if settings.source.startswith("<") else str(Path(settings.source).resolve())
     env = {**os.environ, "DAGSTER_HOME": str(home), "LAKERAY_PROFILE": settings.profile_name}
     if config:
         env["LAKERAY_CONFIG"] = config
-    port = port or _free_port()
-    url = f"http://{_HOST}:{port}"
+    url = current.url if current is not None and alive["dagster-webserver"] else f"http://{_HOST}:{port or _free_port()}"
     bin_dir = Path(sys.executable).parent
     commands = {"dagster-daemon": [str(bin_dir / "dagster-daemon"), "run", "-w", str(workspace)],
-                "dagster-webserver": [str(bin_dir / "dagster-webserver"), "-h", _HOST, "-p", str(port),
+                "dagster-webserver": [str(bin_dir / "dagster-webserver"), "-h", _HOST, "-p", url.rsplit(":", 1)[1],
                                       "-w", str(workspace)]}
     processes: dict[str, subprocess.Popen] = {}
     for name, command in commands.items():
+        if alive[name]:
+            continue
         with open(logs / f"{name}.log", "ab") as log:
             # Own session: stop signals the whole group; SIGINT is not inherited as ignored.
             process = subprocess.Popen(command, env=env, cwd=settings.project_dir, stdin=subprocess.DEVNULL,
                                        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         processes[name] = process
-    state = SchedulerState(processes["dagster-daemon"].pid, processes["dagster-webserver"].pid, url, str(home), config,
-                           settings.profile_name, time.time())
+    pids = {name: process.pid for name, process in processes.items()}
+    state = SchedulerState(pids.get("dagster-daemon") or current.daemon_pid,  # type: ignore[union-attr]
+                           pids.get("dagster-webserver") or current.webserver_pid,  # type: ignore[union-attr]
+                           url, str(home), config, settings.profile_name, time.time())
     _state_file(settings).write_text(json.dumps(asdict(state), indent=2))
     deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:
@@ -186,7 +196,7 @@ def start(settings: Settings, port: int | None = None, wait_s: float = 180.0) ->
     if dead or not _answers(url):
         log = logs / f"{(dead or ['dagster-webserver'])[0]}.log"
         tail = " | ".join(log.read_text(errors="replace").strip().splitlines()[-3:])
-        _stop_groups([process.pid for process in processes.values()], 30.0)
+        _stop_groups([state.daemon_pid, state.webserver_pid], 30.0)
         _state_file(settings).unlink(missing_ok=True)
         what = f"{', '.join(dead)} exited" if dead else f"the UI did not answer on {url} within {wait_s:.0f} s"
         raise ClusterError(f"the scheduler did not start: {what} ({tail})", f"read {log}")

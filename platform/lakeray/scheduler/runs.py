@@ -1,0 +1,226 @@
+"""``lakeray runs list|show``: one run history for the project, newest first.
+
+Two sources, merged: the Dagster runs in the project's storage (scheduled runs, their retries,
+`schedule backfill` days, runs launched from the UI) and lakeray's feature run ledger
+(``<root>/_runs/feature_runs.jsonl``: every ``features run``/``backfill`` attempt). A ledger entry made
+inside a Dagster run (same table as one of the run's assets, started while the run ran) belongs to that
+run and is shown with it, not twice; the others are runs of their own. Reading starts nothing: no
+daemon, no Spark; Dagster's SQLite storage is opened read-only in spirit (no write is made).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lakeray.errors import ConfigError
+
+if TYPE_CHECKING:
+    from lakeray.config import Settings
+
+__all__ = ["RunRow", "STATUSES", "list_runs", "show_run"]
+
+# One vocabulary for both sources; Dagster's own status stays in RunRow.detail.
+STATUSES = ("queued", "running", "success", "failure", "canceled")
+_DAGSTER_STATUS = {"QUEUED": "queued", "NOT_STARTED": "queued", "MANAGED": "running", "STARTING": "running",
+                   "STARTED": "running", "SUCCESS": "success", "FAILURE": "failure", "CANCELING": "running",
+                   "CANCELED": "canceled"}
+_LEDGER_STATUS = {"committed": "success", "running": "running"}  # failed, refused, interrupted → failure
+_SLACK_S = 2.0  # clock slack between the run record and the ledger's second-resolution timestamps
+
+
+@dataclass
+class RunRow:
+    """One run in the merged history."""
+
+    run_id: str
+    source: str  # dagster | features
+    job: str  # the Dagster job (<schedule>_job), the assets of an ad-hoc run, or the feature table
+    interval: str | None  # scheduled interval (UTC) or the partition/range it ran for
+    status: str  # one of STATUSES
+    detail: str  # the source's own status (Dagster's SUCCESS/FAILURE/…, the ledger's committed/refused/…)
+    started_at: float | None  # epoch seconds
+    seconds: float | None
+    versions: dict[str, int] = field(default_factory=dict)  # table → Delta version committed by this run
+    schedule: str | None = None
+    retry_of: str | None = None  # the run this one re-executes
+    feature_runs: list[str] = field(default_factory=list)  # ledger run ids made inside this run
+    assets: list[str] = field(default_factory=list)  # the assets a Dagster run was launched for or ran
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _instance(settings: Settings):
+    """The project's Dagster instance, or None when nothing was ever scheduled here."""
+    import dagster as dg
+
+    from lakeray.scheduler.service import dagster_home
+
+    home = dagster_home(settings)
+    if not (home / "storage").is_dir():
+        return None
+    return dg.DagsterInstance.from_config(str(home))
+
+
+def _epoch(stamp: str | None) -> float | None:
+    if not stamp:
+        return None
+    return dt.datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.timezone.utc).timestamp()
+
+
+def _dagster_row(instance: Any, record: Any) -> RunRow:
+    from dagster import DagsterEventType
+
+    run = record.dagster_run
+    tags = run.tags
+    versions: dict[str, int] = {}
+    ledger_ids: list[str] = []
+    started: set[str] = set()  # a lakeray asset's step key is its table (failed steps materialise nothing)
+    for entry in instance.all_logs(run.run_id, of_type={DagsterEventType.ASSET_MATERIALIZATION,
+                                                         DagsterEventType.STEP_START}):
+        if entry.dagster_event is not None and entry.dagster_event.event_type == DagsterEventType.STEP_START:
+            started.add(entry.step_key or "")
+            continue
+        materialization = entry.asset_materialization
+        if materialization is None:
+            continue
+        metadata = materialization.metadata
+        table = materialization.asset_key.to_user_string()
+        if "delta_version" in metadata:
+            versions[table] = int(metadata["delta_version"].value)
+        if "lakeray_run_id" in metadata and metadata["lakeray_run_id"].value and not (
+                "skipped" in metadata and metadata["skipped"].value):
+            ledger_ids.append(str(metadata["lakeray_run_id"].value))
+    assets = sorted({key.to_user_string() for key in run.asset_selection or ()} | started - {""})
+    # `materialize()` and the UI's "materialize selected" run Dagster's hidden asset job: name the assets.
+    job = ", ".join(assets) if run.job_name.startswith("__") and assets else run.job_name
+    start, end = record.start_time, record.end_time
+    interval = tags.get("lakeray/interval") or tags.get("dagster/partition")
+    return RunRow(run.run_id, "dagster", job, interval, _DAGSTER_STATUS.get(run.status.value, "running"),
+                  run.status.value, start or record.create_timestamp.timestamp(),
+                  None if start is None or end is None else round(end - start, 2), versions,
+                  tags.get("lakeray/schedule"), tags.get("dagster/parent_run_id"), ledger_ids, assets)
+
+
+def _ledger_row(entry: dict[str, Any]) -> RunRow:
+    status = entry.get("status", "running")
+    rng = entry.get("range")
+    interval = entry.get("interval") or (f"{rng[0]}..{rng[1]}" if rng else None)
+    return RunRow(entry["run_id"], "features", entry["table"], interval, _LEDGER_STATUS.get(status, "failure"),
+                  status, _epoch(entry.get("started_at")), entry.get("seconds"),
+                  {entry["table"]: entry["version"]} if status == "committed" and "version" in entry else {})
+
+
+def _collect(settings: Settings, tasks_by_job: dict[str, set[str]]) -> tuple[list[RunRow], list[dict[str, Any]]]:
+    from lakeray.features.runner import read_ledger
+
+    ledger = read_ledger(settings)
+    rows: list[RunRow] = []
+    instance = _instance(settings)
+    if instance is not None:
+        with instance:
+            rows = [_dagster_row(instance, record) for record in instance.get_run_records()]
+    # Attribute ledger entries to the Dagster run they were made in: named by a materialisation, or the
+    # same table while that run ran (failed attempts that a retry policy re-ran leave no materialisation).
+    claimed = {rid for row in rows for rid in row.feature_runs}
+    for entry in ledger:
+        if entry["run_id"] in claimed:
+            continue
+        started = _epoch(entry.get("started_at"))
+        for row in rows:
+            if started is None or row.started_at is None or entry["table"] not in _assets_of(row, tasks_by_job):
+                continue
+            end = row.started_at + (row.seconds if row.seconds is not None else 1e9)
+            if row.started_at - _SLACK_S <= started <= end + _SLACK_S:
+                row.feature_runs.append(entry["run_id"])
+                claimed.add(entry["run_id"])
+                break
+    rows += [_ledger_row(e) for e in ledger if e["run_id"] not in claimed]
+    return sorted(rows, key=lambda r: r.started_at or 0, reverse=True), ledger
+
+
+def _tasks_by_job(settings: Settings) -> dict[str, set[str]]:
+    """Dagster job name → the tables its runs write, from the current plan (empty when it does not load)."""
+    from lakeray.scheduler.plan import load_plan
+
+    try:
+        plan = load_plan(settings)
+    except ConfigError:
+        return {}
+    return {f"{s.name}_job": set(s.tasks) for s in plan.schedules}
+
+
+def _assets_of(row: RunRow, tasks_by_job: dict[str, set[str]]) -> set[str]:
+    """The tables a Dagster run writes: what it materialised and was launched for, else its job's tasks."""
+    return set(row.versions) | set(row.assets or tasks_by_job.get(row.job, set()))
+
+
+def list_runs(settings: Settings, job: str | None = None, status: str | None = None,
+              limit: int | None = 20) -> list[RunRow]:
+    """The project's runs, newest first. ``job`` matches the Dagster job, its schedule, or a table the
+    run wrote; ``status`` one of :data:`STATUSES`."""
+    if status is not None and status not in STATUSES:
+        raise ConfigError(f"runs list: --status {status!r} is not one of {', '.join(STATUSES)}", "pick one of them")
+    tasks_by_job = _tasks_by_job(settings)
+    rows, _ = _collect(settings, tasks_by_job)
+    if job is not None:
+        rows = [r for r in rows if job in (r.job, r.schedule, f"{job}_job")
+                or (r.source == "dagster" and job in _assets_of(r, tasks_by_job))]
+    if status is not None:
+        rows = [r for r in rows if r.status == status]
+    return rows if limit is None else rows[:limit]
+
+
+def show_run(settings: Settings, run_id: str) -> dict[str, Any]:
+    """One run (a Dagster run id, a unique prefix of one, or a ledger run id): its row, its feature runs
+    from the ledger, its error, and where its logs are."""
+    from lakeray.scheduler.service import _LOGS, dagster_home
+
+    rows, ledger = _collect(settings, _tasks_by_job(settings))
+    found = [r for r in rows if r.run_id == run_id] or [r for r in rows if r.run_id.startswith(run_id)]
+    if len(found) != 1:
+        raise ConfigError(f"runs show: {'no run' if not found else f'{len(found)} runs'} with id {run_id!r}",
+                          "`lakeray runs list` shows the run ids")
+    row = found[0]
+    by_id = {e["run_id"]: e for e in ledger}
+    data: dict[str, Any] = {**row.as_dict(), "ledger": [by_id[i] for i in row.feature_runs if i in by_id]}
+    if row.source == "features":
+        data["ledger"] = [by_id[row.run_id]]
+        data["error"] = by_id[row.run_id].get("error")
+        data["logs"] = {"ledger": str(Path(settings.storage_root, "_runs", "feature_runs.jsonl").resolve())}
+        return data
+    home = dagster_home(settings)
+    instance = _instance(settings)
+    assert instance is not None  # the row came from it
+    with instance:
+        from dagster import DagsterEventType
+
+        failures = instance.all_logs(row.run_id, of_type={DagsterEventType.RUN_FAILURE, DagsterEventType.STEP_FAILURE})
+        errors = [e.dagster_event.event_specific_data.error for e in failures
+                  if e.dagster_event is not None and getattr(e.dagster_event.event_specific_data, "error", None)]
+        data["error"] = _error_text(errors[0]) if errors else (failures[-1].message if failures else None)
+        data["tags"] = dict(instance.get_run_by_id(row.run_id).tags)  # type: ignore[union-attr]
+    compute = home / "storage" / row.run_id / "compute_logs"
+    data["logs"] = {"compute_logs": str(compute) if compute.is_dir() else None,
+                    "daemon_log": str(home / _LOGS / "dagster-daemon.log"),
+                    "ui": _ui_url(settings, row.run_id)}
+    return data
+
+
+def _error_text(error: Any) -> str:
+    """Dagster's error and, past wrappers such as "Exceeded max_retries", the job's own exception."""
+    root = error
+    while root.cause is not None:
+        root = root.cause
+    top = error.message.strip()
+    return top if root is error else f"{top} (cause: {root.message.strip()})"
+
+
+def _ui_url(settings: Settings, run_id: str) -> str | None:
+    from lakeray.scheduler.service import status
+
+    info = status(settings)
+    return f"{info['url']}/runs/{run_id}" if info.get("running") else None
