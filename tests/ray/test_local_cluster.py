@@ -72,6 +72,20 @@ def test_up_status_use_and_down_leave_nothing_behind(tmp_path):
         assert probe.returncode == 0, probe.stderr[-3000:]
         used = json.loads(probe.stdout.strip().splitlines()[-1])
         assert used == {"owns": False, "cpus": 3.0, "nodes": 2}
+
+        # A host joining with a token that is not the head's: one line naming where the token came from,
+        # before anything starts (another storage root: this "host" has no record of the head).
+        wrong = tmp_path / "wrong_token"
+        wrong.write_text(os.urandom(32).hex())
+        joiner = tmp_path / "joiner"
+        before = set(_processes_with("lakeray-rayj-"))
+        refused = _cli(joiner, "join", state["ray_address"], "--no-spark", "--cpus", "1", "--token-file", str(wrong))
+        assert refused.returncode == 1
+        headline = refused.stderr.strip().splitlines()[0]
+        assert headline.endswith(f"the head at {state['ray_address']} refused this host's Ray token "
+                                 f"(from --token-file {wrong}): it is not the head's"), refused.stderr
+        assert "--token-file" in refused.stderr.splitlines()[1] and wrong.read_text() not in refused.stderr
+        assert set(_processes_with("lakeray-rayj-")) == before and not (joiner / "cluster" / "hosts").exists()
     finally:
         stopped = _cli(root, "down")
     assert stopped.returncode == 0 and "stopped" in stopped.stdout, stopped.stderr
