@@ -112,7 +112,6 @@ def _progress(store, run_dir: str) -> list[dict]:
 
 def test_lakeray_train_keeps_its_run_checkpoints_and_artifacts_in_the_bucket(project, monkeypatch):
     import mlflow
-    import numpy as np
     import pyarrow.fs as pa_fs
 
     folder, store, secrets = project
@@ -167,16 +166,19 @@ def test_lakeray_train_keeps_its_run_checkpoints_and_artifacts_in_the_bucket(pro
         storage.configure(None)
 
     # A Serve replica (or any worker) has what the runtime env gives it: the LAKERAY_STORAGE__* and boto3
-    # variables, secrets as ${NAME} expanded from the node's own environment. That is enough to load the
-    # registered model by alias from the bucket and score.
+    # variables, secrets as ${NAME} expanded from the node's own environment. With only that, the
+    # replica's loader reads the registered version and its features.json from the bucket, and scores.
+    from lakeray.serving.model import load_served_model
+
     worker = storage.worker_env(ROOT, store)
     assert secrets[SECRET_VAR] not in json.dumps(worker) and worker["AWS_SECRET_ACCESS_KEY"] == f"${{{SECRET_VAR}}}"
     for name, value in worker.items():
         monkeypatch.setenv(name, os.path.expandvars(value))
-    mlflow.set_tracking_uri(f"sqlite:///{folder}/mlflow.db")
-    booster = mlflow.xgboost.load_model("models:/bucket_xgb@challenger")
-    scores = booster.inplace_predict(np.array([[2.0, -1.0, 0, 0, 0, 0, 0, 0], [-2.0, 1.0, 0, 0, 0, 0, 0, 0]],
-                                              dtype=np.float32))
+    # Deploy pins the alias to its version (models:/name/N) before the replica loads it.
+    served = load_served_model(f"sqlite:///{folder}/mlflow.db", f"models:/bucket_xgb/{version.version}")
+    assert served.version == int(version.version) and served.features[:2] == ["f0", "f1"]
+    rows = [{**dict.fromkeys(served.features, 0.0), "f0": f0, "f1": -f0} for f0 in (2.0, -2.0)]
+    scores = served.predict(served.matrix(rows))
     assert scores[0] > 0.5 > scores[1]
 
 

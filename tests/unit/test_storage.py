@@ -174,7 +174,8 @@ def test_worker_env_carries_settings_and_secret_names_never_values(monkeypatch):
     assert env["LAKERAY_STORAGE__PATH_STYLE"] == "true" and env["LAKERAY_STORAGE__TIMEOUT_S"] == "7.0"
     # boto3 (MLflow's artifacts) gets references Ray expands from each node's own environment.
     assert env["AWS_ACCESS_KEY_ID"] == "${MY_KEY}" and env["AWS_SECRET_ACCESS_KEY"] == "${MY_SECRET}"
-    assert env["MLFLOW_S3_ENDPOINT_URL"] == "http://127.0.0.1:9000" and env["MLFLOW_BOTO_CLIENT_ADDRESSING_STYLE"] == "path"
+    assert env["MLFLOW_S3_ENDPOINT_URL"] == "http://127.0.0.1:9000"
+    assert env["MLFLOW_BOTO_CLIENT_ADDRESSING_STYLE"] == "path"
     assert storage.worker_env("/data/lake", _object_store_config()) == {}
 
 

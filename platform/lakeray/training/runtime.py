@@ -94,7 +94,9 @@ def latest_checkpoint(run_dir: str) -> str | None:
     best: tuple[int, bool, float, str] | None = None
     for name in storage.list_dir(run_dir):
         full = storage.join(run_dir, name)
-        if not name.startswith(_CHECKPOINT_PREFIX) or ".tmp" in name or not storage.exists(storage.join(full, STATE_FILE)):
+        if not name.startswith(_CHECKPOINT_PREFIX) or ".tmp" in name:
+            continue
+        if not storage.exists(storage.join(full, STATE_FILE)):  # written last: absent while being written
             continue
         state = read_state(full)
         key = (int(state["step"]), bool(state.get("final")), float(state.get("time", 0)), full)
