@@ -128,7 +128,8 @@ def up_on_spark(settings: Settings, master_url: str, workers: int = 1, worker_cp
     args = {"master_url": master_url, "driver_host": driver_host, "workers": workers, "worker_cpus": worker_cpus,
             "worker_memory_mb": worker_memory_mb, "object_store_mb": object_store_mb,
             "executor_memory_mb": executor_memory_mb, "temp_dir": temp_dir, "dashboard_port": free_port(),
-            "app_name": f"lakeray-ray-on-spark-{os.path.basename(temp_dir)}", "ready_file": ready}
+            "app_name": f"lakeray-ray-on-spark-{os.path.basename(temp_dir)}", "ready_file": ready,
+            "ray_logs": os.path.join(state.log_dir, "ray-on-spark")}
     env = {**ray_env(temp_dir), **spark_env(driver_host), "PYSPARK_PYTHON": sys.executable,
            "RAY_ON_SPARK_START_HOOK": f"{__name__}.StartHook"}
     env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")])
@@ -208,6 +209,8 @@ def _serve(args: dict[str, Any]) -> None:
         max_worker_nodes=args["workers"], num_cpus_worker_node=args["worker_cpus"], num_gpus_worker_node=0,
         num_cpus_head_node=0, memory_worker_node=args["worker_memory_mb"] * mib,
         object_store_memory_worker_node=args["object_store_mb"] * mib, ray_temp_root_dir=args["temp_dir"],
+        # Each Ray node deletes its temp dir when it stops: its logs are copied here first.
+        collect_log_to_path=args["ray_logs"],
         head_node_options={"include_dashboard": True, "dashboard_port": args["dashboard_port"],
                            "disable_usage_stats": None},
         worker_node_options={"disable_usage_stats": None})
