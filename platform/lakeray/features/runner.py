@@ -203,13 +203,15 @@ def find_job(settings: Settings, name: str) -> FeatureJob:
 
 
 def run_feature_job(spark: SparkSession, settings: Settings, name: str, start: str | None = None,
-                    end: str | None = None, interval: str | None = None) -> FeatureRunResult:
+                    end: str | None = None, interval: str | None = None,
+                    orchestrator_run: str | None = None) -> FeatureRunResult:
     """Run job ``name`` on the latest version of its inputs; one atomic commit (or none at all).
 
     ``start``/``end`` (ISO dates, end exclusive) restrict a ``partitions`` job to that range: the job
     function receives them when it declares ``start``/``end`` parameters, and only those partitions
     are replaced, so re-running a range leaves the same rows. ``interval``: the scheduled interval the
     run is for (the scheduler's marker: a retried run finds the commit that already holds it).
+    ``orchestrator_run``: the Dagster run this attempt belongs to, kept in the ledger for `lakeray runs`.
     """
     from pyspark import StorageLevel
     from pyspark.sql import functions as F
@@ -231,6 +233,8 @@ def run_feature_job(spark: SparkSession, settings: Settings, name: str, start: s
                              "range": [start, end] if start else None}
     if interval is not None:
         entry["interval"] = interval
+    if orchestrator_run is not None:
+        entry["orchestrator_run"] = orchestrator_run
     output = None
     try:
         inputs, input_versions = {}, {}
