@@ -166,7 +166,7 @@ def _feature_asset(task: Task) -> dg.AssetsDefinition:
                                      task.name, start, skipped["version"])
                     return dg.MaterializeResult(metadata={"delta_version": skipped["version"], "skipped": True})
         result = run_feature_job(runtime.spark(), runtime.settings, task.target, start=start, end=end,
-                                 interval=interval)
+                                 interval=interval, orchestrator_run=context.run_id)
         return dg.MaterializeResult(metadata={
             "delta_version": result.version,
             "input_versions": dg.MetadataValue.json(result.input_versions),

@@ -3,8 +3,8 @@
 Two sources, merged: the Dagster runs in the project's storage (scheduled runs, their retries,
 `schedule backfill` days, runs launched from the UI) and lakeray's feature run ledger
 (``<root>/_runs/feature_runs.jsonl``: every ``features run``/``backfill`` attempt). A ledger entry made
-inside a Dagster run (same table as one of the run's assets, started while the run ran) belongs to that
-run and is shown with it, not twice; the others are runs of their own. Reading starts nothing: no
+inside a Dagster run (the runner records the run's id in the entry) belongs to that run and is shown
+with it, not twice; the others are runs of their own. Reading starts nothing: no
 daemon, no Spark; Dagster's SQLite storage is opened read-only in spirit (no write is made).
 """
 
@@ -28,7 +28,6 @@ _DAGSTER_STATUS = {"QUEUED": "queued", "NOT_STARTED": "queued", "MANAGED": "runn
                    "STARTED": "running", "SUCCESS": "success", "FAILURE": "failure", "CANCELING": "running",
                    "CANCELED": "canceled"}
 _LEDGER_STATUS = {"committed": "success", "running": "running"}  # failed, refused, interrupted → failure
-_SLACK_S = 2.0  # clock slack between the run record and the ledger's second-resolution timestamps
 
 
 @dataclass
@@ -114,7 +113,7 @@ def _ledger_row(entry: dict[str, Any]) -> RunRow:
                   {entry["table"]: entry["version"]} if status == "committed" and "version" in entry else {})
 
 
-def _collect(settings: Settings, tasks_by_job: dict[str, set[str]]) -> tuple[list[RunRow], list[dict[str, Any]]]:
+def _collect(settings: Settings) -> tuple[list[RunRow], list[dict[str, Any]]]:
     from lakeray.features.runner import read_ledger
 
     ledger = read_ledger(settings)
@@ -123,21 +122,15 @@ def _collect(settings: Settings, tasks_by_job: dict[str, set[str]]) -> tuple[lis
     if instance is not None:
         with instance:
             rows = [_dagster_row(instance, record) for record in instance.get_run_records()]
-    # Attribute ledger entries to the Dagster run they were made in: named by a materialisation, or the
-    # same table while that run ran (failed attempts that a retry policy re-ran leave no materialisation).
+    # A ledger entry made inside a Dagster run names it (`orchestrator_run`); older entries are named by
+    # the run's materialisation (`lakeray_run_id`), which failed attempts do not have.
+    by_run = {row.run_id: row for row in rows}
     claimed = {rid for row in rows for rid in row.feature_runs}
     for entry in ledger:
-        if entry["run_id"] in claimed:
-            continue
-        started = _epoch(entry.get("started_at"))
-        for row in rows:
-            if started is None or row.started_at is None or entry["table"] not in _assets_of(row, tasks_by_job):
-                continue
-            end = row.started_at + (row.seconds if row.seconds is not None else 1e9)
-            if row.started_at - _SLACK_S <= started <= end + _SLACK_S:
-                row.feature_runs.append(entry["run_id"])
-                claimed.add(entry["run_id"])
-                break
+        owner = by_run.get(entry.get("orchestrator_run", ""))
+        if owner is not None and entry["run_id"] not in claimed:
+            owner.feature_runs.append(entry["run_id"])
+            claimed.add(entry["run_id"])
     rows += [_ledger_row(e) for e in ledger if e["run_id"] not in claimed]
     return sorted(rows, key=lambda r: r.started_at or 0, reverse=True), ledger
 
@@ -165,7 +158,7 @@ def list_runs(settings: Settings, job: str | None = None, status: str | None = N
     if status is not None and status not in STATUSES:
         raise ConfigError(f"runs list: --status {status!r} is not one of {', '.join(STATUSES)}", "pick one of them")
     tasks_by_job = _tasks_by_job(settings)
-    rows, _ = _collect(settings, tasks_by_job)
+    rows, _ = _collect(settings)
     if job is not None:
         rows = [r for r in rows if job in (r.job, r.schedule, f"{job}_job")
                 or (r.source == "dagster" and job in _assets_of(r, tasks_by_job))]
@@ -179,7 +172,7 @@ def show_run(settings: Settings, run_id: str) -> dict[str, Any]:
     from the ledger, its error, and where its logs are."""
     from lakeray.scheduler.service import _LOGS, dagster_home
 
-    rows, ledger = _collect(settings, _tasks_by_job(settings))
+    rows, ledger = _collect(settings)
     found = [r for r in rows if r.run_id == run_id] or [r for r in rows if r.run_id.startswith(run_id)]
     if len(found) != 1:
         raise ConfigError(f"runs show: {'no run' if not found else f'{len(found)} runs'} with id {run_id!r}",
