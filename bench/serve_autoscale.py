@@ -83,6 +83,10 @@ def main() -> int:
     parser.add_argument("--target-ongoing", type=float, default=shipped.target_ongoing_requests)
     parser.add_argument("--upscale-delay-s", type=float, default=shipped.upscale_delay_s)
     parser.add_argument("--downscale-delay-s", type=float, default=shipped.downscale_delay_s)
+    parser.add_argument("--metrics-interval-s", type=float, default=shipped.metrics_interval_s,
+                        help="Replica → autoscaler report period (Ray's default: 10).")
+    parser.add_argument("--look-back-period-s", type=float, default=shipped.look_back_period_s,
+                        help="Seconds of reports the autoscaler averages (Ray's default: 30).")
     parser.add_argument("--out", default=str(REPO / "bench/results/serve_autoscale.json"))
     args = parser.parse_args()
     load_start = os.getloadavg()[0]
@@ -92,7 +96,8 @@ def main() -> int:
 
     autoscaling = {"min_replicas": shipped.min_replicas, "max_replicas": args.max_replicas,
                    "target_ongoing_requests": args.target_ongoing, "upscale_delay_s": args.upscale_delay_s,
-                   "downscale_delay_s": args.downscale_delay_s}
+                   "downscale_delay_s": args.downscale_delay_s, "metrics_interval_s": args.metrics_interval_s,
+                   "look_back_period_s": args.look_back_period_s}
     windows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="lakeray-bench-serve-") as root:
         settings = bench_settings(root)
@@ -170,9 +175,10 @@ def main() -> int:
         "extra replica shares the same cores with HAProxy, the first replica and the load generator.",
         f"scale-down = downscale_delay_s ({args.downscale_delay_s:g} s) plus the look-back over which Serve "
         "averages ongoing requests, plus the replica's graceful drain.",
-        "Serve's autoscaling sees replicas' ongoing requests as reported every metrics_interval_s (10 s) and "
-        "averaged over look_back_period_s (30 s), both Ray defaults the spec does not set: that is the part of "
-        "the scale-up reaction beyond upscale_delay_s.",
+        f"Serve's autoscaling sees replicas' ongoing requests as reported every metrics_interval_s "
+        f"({args.metrics_interval_s:g} s; Ray's default 10) and averaged over look_back_period_s "
+        f"({args.look_back_period_s:g} s; Ray's default 30): the part of the scale-up reaction beyond "
+        "upscale_delay_s.",
     ]
     if stalled:
         notes.append(f"{len(stalled)} one-second windows at c={args.high} got no answer at all (t = {stalled}): the "

@@ -4,7 +4,8 @@
   registered in the run's own MLflow store the way ``lakeray train`` registers one (the flavour, a
   named-column signature, ``lakeray/features.json``, alias ``champion``).
 - The plain baseline: one process, FastAPI + uvicorn (uvloop, httptools), the same
-  ``load_served_model`` and the same generated request schema as a lakeray replica, no batching.
+  ``load_served_model``, the same generated request schema and (given an online plan) the same
+  in-memory ``OnlineStore`` lookup as a lakeray replica; no batching, no log.
 - The default-Serve baseline: a minimal hand-written deployment (``__call__`` on the request, the same
   schema and scorer) in a Ray started with Serve's defaults: the default HTTP proxy, no HAProxy, no
   throughput-optimised mode, default replica settings. It runs in a child process with its own Ray
@@ -12,7 +13,7 @@
 - lakeray: ``lakeray.serving.deploy.deploy`` of a ServeSpec, as ``lakeray serve deploy`` does.
 
 Child servers run in their own session and are stopped by SIGTERM, then SIGKILL of their group.
-As a script: ``python bench/servelib.py plain|default-serve PORT TRACKING_URI MODEL_URI`` (the children).
+As a script: ``python bench/servelib.py plain|default-serve PORT TRACKING_URI MODEL_URI [PLAN_FILE]`` (the children).
 No ``from __future__ import annotations``: FastAPI reads the plain server's annotations at runtime.
 """
 
@@ -32,7 +33,7 @@ from loadgen import LoadResult, run_load  # noqa: E402  (bench/ is not a package
 
 __all__ = ["REPO", "MODEL_NAME", "free_port", "bench_settings", "register_model", "request_body", "ChildServer",
            "start_plain", "start_default_serve", "measure", "healthz", "serve_spec", "replica_counts",
-           "in_process_cost_ms", "bench_ray", "deploy_spec", "batch_sizes"]
+           "bench_ray", "deploy_spec", "batch_sizes"]
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_NAME = "bench_serve_xgb"
@@ -133,18 +134,23 @@ def request_body(features: list[str], seed: int = 11) -> bytes:
 
 
 def serve_spec(name: str, route: str, *, max_batch_size: int = 64, wait_timeout_ms: float | None = None,
-               min_replicas: int = 1, max_replicas: int = 1, log: bool = True, **autoscaling: Any):
-    """A ServeSpec for the registered model: the shipped defaults unless given."""
+               min_replicas: int = 1, max_replicas: int = 1, log: bool = True, features: dict | None = None,
+               **autoscaling: Any):
+    """A ServeSpec for the registered model: the shipped defaults unless given (``features``: the
+    spec's online features block)."""
     from lakeray.serving.spec import ServeSpec
 
     batching: dict[str, Any] = {"max_batch_size": max_batch_size}
     if wait_timeout_ms is not None:
         batching["wait_timeout_ms"] = wait_timeout_ms
-    return ServeSpec.parse({
+    raw = {
         "name": name, "route": route, "model": f"{MODEL_NAME}@champion", "batching": batching,
         "autoscaling": {"min_replicas": min_replicas, "max_replicas": max_replicas, **autoscaling},
         "prediction_log": {"enabled": log, "table": f"prediction_log_{name.replace('-', '_')}"},
-    }, f"bench spec {name}")
+    }
+    if features is not None:
+        raw["features"] = features
+    return ServeSpec.parse(raw, f"bench spec {name}")
 
 
 def measure(url: str, body: bytes, concurrency: int, duration_s: float, warmup_s: float = 1.0,
@@ -189,30 +195,6 @@ def replica_counts(app: str) -> dict[str, int]:
         return {}
     return {str(getattr(k, "value", k)): int(v) for d in status.deployments.values()
             for k, v in (d.replica_states or {}).items()}
-
-
-def in_process_cost_ms(tracking_uri: str, model_uri: str, body: bytes, repeats: int = 2_000) -> dict:
-    """Milliseconds per request of what every server does with one request in-process: the schema
-    validation, the feature matrix and the predict (no HTTP)."""
-    from lakeray.serving.model import load_served_model
-
-    model = load_served_model(tracking_uri, model_uri, threads=1)
-    request_model = _request_model(model)
-    x = model.matrix([i.model_dump(by_alias=True) for i in request_model.model_validate_json(body).instances])
-
-    def per_call(fn) -> float:
-        fn()
-        started = time.perf_counter()
-        for _ in range(repeats):
-            fn()
-        return (time.perf_counter() - started) / repeats * 1e3
-
-    validate = per_call(lambda: request_model.model_validate_json(body))
-    matrix = per_call(lambda: model.matrix([i.model_dump(by_alias=True)
-                                            for i in request_model.model_validate_json(body).instances]))
-    predict = per_call(lambda: model.predict(x))
-    return {"validate_ms": round(validate, 4), "matrix_ms": round(matrix - validate, 4),
-            "predict_1_row_ms": round(predict, 4)}
 
 
 class ChildServer:
@@ -265,60 +247,83 @@ def _child_env(strip_ray_serve: bool) -> dict[str, str]:
     return env
 
 
-def start_plain(tracking_uri: str, model_uri: str, log_path: str) -> ChildServer:
+def start_plain(tracking_uri: str, model_uri: str, log_path: str, plan_file: str = "") -> ChildServer:
+    """The plain FastAPI + uvicorn baseline; ``plan_file``: an online plan (JSON) to look features up with."""
     port = free_port()
-    server = ChildServer([sys.executable, __file__, "plain", str(port), tracking_uri, model_uri],
+    server = ChildServer([sys.executable, __file__, "plain", str(port), tracking_uri, model_uri, plan_file],
                          f"http://127.0.0.1:{port}", _child_env(False), log_path)
     server.wait_ready()
     return server
 
 
-def start_default_serve(tracking_uri: str, model_uri: str, log_path: str) -> ChildServer:
+def start_default_serve(tracking_uri: str, model_uri: str, log_path: str, plan_file: str = "") -> ChildServer:
     port = free_port()
-    server = ChildServer([sys.executable, __file__, "default-serve", str(port), tracking_uri, model_uri],
+    server = ChildServer([sys.executable, __file__, "default-serve", str(port), tracking_uri, model_uri, plan_file],
                          f"http://127.0.0.1:{port}", _child_env(True), log_path)
     server.wait_ready()
     return server
 
 
-def _request_model(model: Any) -> Any:
+def _request_model(instance: Any, name: str) -> Any:
     """The request schema a lakeray replica builds (lakeray.serving.app), rebuilt from public parts."""
     from pydantic import ConfigDict, Field, create_model
 
-    from lakeray.serving.model import instance_model
-
-    return create_model(f"{model.name}_request", __config__=ConfigDict(extra="forbid"),
-                        instances=(list[instance_model(model)], Field(..., min_length=1, max_length=10_000)))
+    return create_model(f"{name}_request", __config__=ConfigDict(extra="forbid"),
+                        instances=(list[instance], Field(..., min_length=1, max_length=10_000)))
 
 
-def _plain_main(port: int, tracking_uri: str, model_uri: str) -> None:
-    import uuid
+class _Scorer:
+    """What a baseline does with a request, with lakeray's public parts: the replica's request schema,
+    the same in-memory online lookup when a plan is given (``lakeray.serving.online.OnlineStore``), the
+    feature matrix and the predict; no batching, no log, no metrics."""
 
+    def __init__(self, tracking_uri: str, model_uri: str, plan_file: str = "") -> None:
+        from lakeray.serving.model import instance_model, load_served_model
+
+        self.model = load_served_model(tracking_uri, model_uri, threads=1)
+        self.online = None
+        if plan_file:
+            from lakeray.serving.online import OnlinePlan, OnlineStore
+
+            plan = OnlinePlan.model_validate_json(Path(plan_file).read_text())
+            self.online = OnlineStore(plan, self.model)
+            instance = instance_model(self.model, plan.request_fields(), plan.looked_up())
+        else:
+            instance = instance_model(self.model)
+        self.request_model = _request_model(instance, self.model.name)
+
+    def answer(self, instances: list) -> dict:
+        import uuid
+
+        rows = [i.model_dump(by_alias=True) for i in instances]
+        lookup = self.online.lookup(rows) if self.online is not None else None
+        scores = self.model.predict(self.model.matrix(rows, lookup.features if lookup is not None else None))
+        out = {"predictions": scores, "model": self.model.name, "model_version": self.model.version,
+               "request_id": uuid.uuid4().hex}
+        if lookup is not None:
+            out.update(feature_versions=lookup.versions, unknown_entities=lookup.unknown)
+        return out
+
+
+def _plain_main(port: int, tracking_uri: str, model_uri: str, plan_file: str) -> None:
     import uvicorn
     from fastapi import FastAPI
 
-    from lakeray.serving.model import load_served_model
-
-    model = load_served_model(tracking_uri, model_uri, threads=1)
-    request_model = _request_model(model)
+    scorer = _Scorer(tracking_uri, model_uri, plan_file)
     api = FastAPI()
 
     @api.post("/predict")
-    def predict(body: request_model) -> dict:  # type: ignore[valid-type]
-        scores = model.predict(model.matrix([i.model_dump(by_alias=True) for i in body.instances]))
-        return {"predictions": scores, "model": model.name, "model_version": model.version,
-                "request_id": uuid.uuid4().hex}
+    def predict(body: scorer.request_model) -> dict:  # type: ignore[name-defined]
+        return scorer.answer(body.instances)
 
     @api.get("/healthz")
     def health() -> dict:
-        return {"status": "ok", "model_version": model.version}
+        return {"status": "ok", "model_version": scorer.model.version}
 
     uvicorn.run(api, host="127.0.0.1", port=port, log_level="warning", access_log=False)
 
 
-def _default_serve_main(port: int, tracking_uri: str, model_uri: str) -> None:
-    import uuid
-
+def _default_serve_main(port: int, tracking_uri: str, model_uri: str, plan_file: str) -> None:
     import ray
     from pydantic import ValidationError
     from ray import serve
@@ -327,21 +332,16 @@ def _default_serve_main(port: int, tracking_uri: str, model_uri: str) -> None:
     @serve.deployment  # Serve's defaults: 1 replica, max_ongoing_requests 5, the default proxy
     class Plain:
         def __init__(self) -> None:
-            from lakeray.serving.model import load_served_model
-
-            self.model = load_served_model(tracking_uri, model_uri, threads=1)
-            self.request_model = _request_model(self.model)
+            self.scorer = _Scorer(tracking_uri, model_uri, plan_file)
 
         async def __call__(self, request):
             if request.url.path.endswith("/healthz"):
-                return {"status": "ok", "model_version": self.model.version}
+                return {"status": "ok", "model_version": self.scorer.model.version}
             try:
-                body = self.request_model.model_validate_json(await request.body())
+                body = self.scorer.request_model.model_validate_json(await request.body())
             except ValidationError as exc:
                 return JSONResponse({"detail": exc.errors(include_input=False)}, status_code=422)
-            scores = self.model.predict(self.model.matrix([i.model_dump(by_alias=True) for i in body.instances]))
-            return {"predictions": scores, "model": self.model.name, "model_version": self.model.version,
-                    "request_id": uuid.uuid4().hex}
+            return self.scorer.answer(body.instances)
 
     # SIGTERM from the benchmark: leave through the finally below, which stops this private Ray.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
@@ -365,4 +365,5 @@ def _default_serve_main(port: int, tracking_uri: str, model_uri: str) -> None:
 
 if __name__ == "__main__":
     mode, port_arg, tracking, uri = sys.argv[1:5]
-    (_plain_main if mode == "plain" else _default_serve_main)(int(port_arg), tracking, uri)
+    plan_arg = sys.argv[5] if len(sys.argv) > 5 else ""
+    (_plain_main if mode == "plain" else _default_serve_main)(int(port_arg), tracking, uri, plan_arg)

@@ -30,6 +30,9 @@ def test_the_shipped_spec_compiles_to_a_serve_deploy_schema(settings):
     assert app.args["model_uri"] == PINNED and app.args["log_table_uri"].endswith("/tables/prediction_log")
     deployment = app.deployments[0]
     assert deployment.autoscaling_config["min_replicas"] == 1 and deployment.autoscaling_config["max_replicas"] == 2
+    # The shipped autoscaling reaction (docs/serving.md): a report every 2 s, averaged over 10 s.
+    assert (deployment.autoscaling_config["metrics_interval_s"], deployment.autoscaling_config["look_back_period_s"]) \
+        == (2.0, 10.0)
     assert deployment.ray_actor_options.num_cpus == 0.5
     assert again.http_options.port == settings.profile.serve.port
 
@@ -58,6 +61,8 @@ def test_auth_puts_only_the_tokens_digest_in_the_config(settings):
     ({"autoscaling": {"min_replicas": 3, "max_replicas": 2}}, "autoscaling: min_replicas (3) is above max_replicas"),
     ({"autoscaling": {"min_replicas": 1, "max_replicas": 2, "initial_replicas": 5}}, "autoscaling: initial_replicas"),
     ({"autoscaling": {"target_ongoing_requests": 0}}, "autoscaling.target_ongoing_requests: Input should be greater"),
+    ({"autoscaling": {"metrics_interval_s": 5, "look_back_period_s": 5}},
+     "autoscaling: look_back_period_s (5) must be above metrics_interval_s (5)"),
     ({"resources": {"cpus": 0}}, "resources.cpus: Input should be greater than 0"),
     ({"batching": {"max_batch_size": 0}}, "batching.max_batch_size"),
     ({"model": "lakeray_fraud_xgb"}, "model: 'lakeray_fraud_xgb': write name@alias"),

@@ -232,7 +232,7 @@ class _Snapshot:
     index: dict[Any, int]
     matrix: np.ndarray  # (entities + 1, features) float32, encoded as the model was trained
     times_us: np.ndarray | None  # event time of each row (max_age_s), the defaults row = int64 min
-    raw: pa.Table | None  # the served values as read, for the prediction log
+    raw: dict[str, np.ndarray] | None  # model feature → the served values as read (prediction log)
     loaded_s: float  # seconds the load took
 
 
@@ -295,10 +295,13 @@ class OnlineStore:
 
         missing = len(snap.index)
         found = positions != missing
-        if snap.raw is not None and found.any():
-            taken = snap.raw.take(positions[found]).to_pylist()
-            for i, values in zip(np.flatnonzero(found), taken, strict=True):
-                out[i].update(values)
+        rows = np.flatnonzero(found)
+        if snap.raw is not None and rows.size:
+            # numpy gathers: an Arrow take + to_pylist cost ~0.3 ms for a one-row batch.
+            at = positions[rows]
+            columns = {name: values[at].tolist() for name, values in snap.raw.items()}
+            for k, i in enumerate(rows.tolist()):
+                out[i].update({name: column[k] for name, column in columns.items()})
         for i in np.flatnonzero(~found):
             out[i].update({n: table.defaults.get(n) for n in table.features.values()})
 
@@ -357,7 +360,8 @@ class OnlineStore:
             times = np.empty(len(index) + 1, dtype=np.int64)
             times[:-1] = _micros(data.column(table.event_time))
             times[-1] = np.iinfo(np.int64).max  # the defaults row is never stale
-        raw = data.select(list(table.features)).rename_columns(list(table.features.values())) if self.keep_raw else None
+        raw = {name: _raw_column(data.column(column)) for column, name in table.features.items()} \
+            if self.keep_raw else None
         return _Snapshot(version, index, matrix, times, raw, time.perf_counter() - started)
 
     def _encode(self, column: Any, name: str) -> Any:
@@ -375,6 +379,18 @@ class OnlineStore:
 
     def _encode_value(self, value: Any, name: str) -> float:
         return float(self.model.encode(name, [value])[0])
+
+
+def _raw_column(column: Any) -> Any:
+    """A column as numpy, so that ``values[positions].tolist()`` gives what Arrow's ``to_pylist`` gives:
+    numbers and booleans without nulls natively, anything else (strings, nulls, times) as Python objects."""
+    import numpy as np
+    import pyarrow as pa
+
+    kind = column.type
+    if column.null_count == 0 and (pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_boolean(kind)):
+        return column.to_numpy()
+    return np.array(column.to_pylist() + [None], dtype=object)[:-1]  # the None keeps nested values as objects
 
 
 def _micros(column: Any) -> Any:
