@@ -61,14 +61,14 @@ def test_up_status_use_and_down_leave_nothing_behind(tmp_path):
         assert again.returncode == 1 and "already running" in again.stderr
 
         # A lakeray command of this project connects to the cluster instead of starting a private Ray.
-        probe = subprocess.run([sys.executable, "-c", (
-            "from lakeray.config import load_settings\n"
-            "from lakeray.cluster.ray_runtime import start_ray\n"
-            f"s = load_settings({str(REPO / 'lakeray.yaml')!r}, 'local', environ={{'LAKERAY_STORAGE__ROOT': {str(root)!r}}})\n"
-            "h = start_ray(s)\n"
-            "import ray, json\n"
-            "print(json.dumps({'owns': h.owns_cluster, 'cpus': h.num_cpus, 'nodes': len(ray.nodes())}))\n"
-            "h.shutdown()\n")], capture_output=True, text=True, timeout=120)
+        command = ("from lakeray.config import load_settings\n"
+                   "from lakeray.cluster.ray_runtime import start_ray\n"
+                   f"s = load_settings({str(REPO / 'lakeray.yaml')!r}, 'local', environ={{'LAKERAY_STORAGE__ROOT': {str(root)!r}}})\n"
+                   "h = start_ray(s)\n"
+                   "import ray, json\n"
+                   "print(json.dumps({'owns': h.owns_cluster, 'cpus': h.num_cpus, 'nodes': len(ray.nodes())}))\n"
+                   "h.shutdown()\n")
+        probe = subprocess.run([sys.executable, "-c", command], capture_output=True, text=True, timeout=120)
         assert probe.returncode == 0, probe.stderr[-3000:]
         used = json.loads(probe.stdout.strip().splitlines()[-1])
         assert used == {"owns": False, "cpus": 3.0, "nodes": 2}
@@ -86,6 +86,13 @@ def test_up_status_use_and_down_leave_nothing_behind(tmp_path):
                                  f"(from --token-file {wrong}): it is not the head's"), refused.stderr
         assert "--token-file" in refused.stderr.splitlines()[1] and wrong.read_text() not in refused.stderr
         assert set(_processes_with("lakeray-rayj-")) == before and not (joiner / "cluster" / "hosts").exists()
+        # The same for a lakeray command on a host with the wrong token: one error naming it, at once
+        # (Ray itself retries for ~20 s, then says "Failed to connect").
+        denied = subprocess.run([sys.executable, "-c", command], env={**os.environ, "RAY_AUTH_TOKEN_PATH": str(wrong)},
+                                capture_output=True, text=True, timeout=120)
+        assert denied.returncode == 1
+        assert (f"ClusterError: the Ray cluster at {state['ray_address']} refused this host's token "
+                f"(RAY_AUTH_TOKEN_PATH={wrong})") in denied.stderr, denied.stderr[-2000:]
     finally:
         stopped = _cli(root, "down")
     assert stopped.returncode == 0 and "stopped" in stopped.stdout, stopped.stderr

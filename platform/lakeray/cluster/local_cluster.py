@@ -281,6 +281,9 @@ def status(settings: Settings) -> dict[str, Any] | None:
 
     connected_here = not ray.is_initialized()
     if connected_here:
+        from lakeray.cluster.processes import check_token
+
+        check_token(state.ray_address)
         ray.init(**connect, configure_logging=False, log_to_driver=False)
     try:
         nodes = [{"node_id": n["NodeID"][:12], "address": n["NodeManagerAddress"], "alive": n["Alive"],

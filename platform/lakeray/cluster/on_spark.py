@@ -144,6 +144,9 @@ def up_on_spark(settings: Settings, master_url: str, workers: int = 1, worker_cp
     except BaseException:
         stop_driver(state)  # nothing half-started is left running
         raise
+    finally:
+        if os.path.exists(ready):
+            os.remove(ready)
     state.ray_address = info["address"]
     state.dashboard_url = f"http://{driver_host}:{info['dashboard_port']}"
     state.spark_app_id, state.spark_app_ui_url = info["app_id"], info["app_ui_url"]

@@ -18,7 +18,7 @@ from lakeray.errors import ClusterError
 
 __all__ = ["LOOPBACK", "free_port", "is_local_address", "route_source", "port_free", "answers", "bin_path", "run_logged",
            "agent_port_args", "ray_env", "spark_home", "spark_worker_command", "spark_env",
-           "start_jvm", "current_token", "spark_worker_memory_mb", "ray_pids", "alive", "terminate",
+           "start_jvm", "current_token", "token_source", "check_token", "spark_worker_memory_mb", "ray_pids", "alive", "terminate",
            "kill_ray_processes", "group_members", "stop_groups"]
 
 LOOPBACK = "127.0.0.1"
@@ -157,6 +157,37 @@ def current_token() -> str | None:
                 return token
     return None
 
+
+
+def token_source() -> str:
+    """Where this process's Ray token comes from, in Ray's order, for error messages (never the token)."""
+    if os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
+        return f"none was sent: RAY_AUTH_MODE is {os.environ.get('RAY_AUTH_MODE') or 'not set'}"
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return "the RAY_AUTH_TOKEN environment variable"
+    if os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        return f"RAY_AUTH_TOKEN_PATH={os.environ['RAY_AUTH_TOKEN_PATH']}"
+    return f"this host's {os.path.expanduser('~/.ray/auth_token')}"
+
+
+def check_token(address: str) -> None:
+    """ClusterError naming the token's source when the Ray cluster at ``address`` (a GCS address)
+    refuses this process's token. Call it after RAY_AUTH_MODE is set and before ``ray.init``: a GCS client
+    gets the refusal in about a second, where ``ray.init`` retries for ~20 s, logging a line a second,
+    and ends with "Failed to connect". Anything else is left to ``ray.init``."""
+    if address.startswith("ray://") or not answers(address):
+        return
+    from ray._raylet import GcsClient
+    from ray.exceptions import AuthenticationError
+
+    try:
+        GcsClient(address=address)
+    except AuthenticationError:
+        raise ClusterError(f"the Ray cluster at {address} refused this host's token ({token_source()})",
+                           "use the cluster's token (`ray get-auth-token` on its head prints it) through "
+                           "RAY_AUTH_TOKEN_PATH (a file) with RAY_AUTH_MODE=token") from None
+    except Exception:  # noqa: BLE001 - not a token problem: ray.init reports it
+        return
 
 
 def spark_worker_memory_mb() -> int:

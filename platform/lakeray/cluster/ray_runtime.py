@@ -295,6 +295,9 @@ def start_ray(settings: Settings) -> RayHandle:
     try:
         if address:
             kwargs.pop("include_dashboard", None)
+            from lakeray.cluster.processes import check_token
+
+            check_token(address)  # a wrong token: one line naming it, not ~20 s of retries
             ray.init(address=address, runtime_env={"env_vars": {**{k: os.environ[k] for k in _TRAIN_ENV},
                                                                 **_storage_env(settings)}}, **kwargs)
             owns = False
