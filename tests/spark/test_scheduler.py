@@ -16,7 +16,7 @@ import pytest
 
 from lakeray.config import load_settings
 from lakeray.features.runner import read_ledger
-from lakeray.lakehouse.delta import read_table, table_version, write_table
+from lakeray.lakehouse.delta import read_table, table_history, table_version, write_table
 
 pytestmark = pytest.mark.spark
 
@@ -86,7 +86,11 @@ def dagster_env(project, spark, tmp_path_factory):
 
     from lakeray.scheduler.assets import build_definitions
 
-    with dg.instance_for_test(temp_dir=str(tmp_path_factory.mktemp("dagster_home"))) as instance:
+    from lakeray.scheduler.service import dagster_home
+
+    home = dagster_home(project)  # the project's own storage, which `lakeray runs list` reads
+    home.mkdir(parents=True)
+    with dg.instance_for_test(temp_dir=str(home)) as instance:
         yield build_definitions(project, spark=spark), instance
 
 
@@ -226,6 +230,57 @@ def test_a_run_failing_after_its_last_retry_posts_the_webhook(project, dagster_e
         assert send_alert(alerts, retried, "worker died") is False and len(received) == 1
     finally:
         server.shutdown()
+
+
+def test_a_retried_interval_is_not_committed_twice_and_runs_list_merges_the_ledger(spark, project, dagster_env):
+    import dagster as dg
+
+    from lakeray.features.runner import run_feature_job
+    from lakeray.scheduler.runs import list_runs, show_run
+
+    defs, instance = dagster_env
+    job = defs.resolve_job_def("sc_clean_schedule_job")
+    tags = {"lakeray/schedule": "sc_clean_schedule", "lakeray/interval": "2026-11-28T11:00:00+00:00"}
+    first = job.execute_in_process(instance=instance, tags=tags)
+    versions = {t: table_version(spark, project.table_path(t)) for t in ("sc_clean", "sc_totals")}
+    # The same interval again, as Dagster's run retry re-executes a run whose worker died after its
+    # commits landed but before it reported success: skipped, nothing committed a second time.
+    retry = job.execute_in_process(instance=instance, tags={**tags, "dagster/parent_run_id": first.run_id})
+    assert retry.success and {t: table_version(spark, project.table_path(t)) for t in versions} == versions
+    metadata = instance.get_latest_materialization_event(dg.AssetKey("sc_clean")).asset_materialization.metadata
+    assert metadata["skipped"].value is True and metadata["delta_version"].value == versions["sc_clean"]
+    history = [c["run"].get("interval") for c in table_history(spark, project.table_path("sc_clean"))]
+    assert history.count(tags["lakeray/interval"]) == 1
+
+    # `runs list`: Dagster runs and the feature ledger in one history, newest first.
+    standalone = run_feature_job(spark, project, "sc_totals")  # `lakeray features run`, outside Dagster
+    rows = list_runs(project, limit=None)
+    assert rows[0].source == "features" and rows[0].run_id == standalone.run_id
+    assert rows[0].versions == {"sc_totals": standalone.version} and rows[0].status == "success"
+    scheduled = list_runs(project, job="sc_clean_schedule", limit=None)
+    assert [r.run_id for r in scheduled[:2]] == [retry.run_id, first.run_id]
+    assert scheduled[0].retry_of == first.run_id and scheduled[0].interval == tags["lakeray/interval"]
+    assert scheduled[0].versions == scheduled[1].versions == versions
+    assert all(r.status == "success" and r.seconds is not None for r in scheduled[:2])
+    # The flaky job's two attempts (failed, committed) belong to its one Dagster run, not listed apart.
+    (flaky,) = list_runs(project, job="sc_flaky", limit=None)
+    ledger_ids = [e["run_id"] for e in read_ledger(project, "sc_flaky")]
+    assert flaky.source == "dagster" and sorted(flaky.feature_runs) == sorted(ledger_ids)
+    assert not [r for r in rows if r.source == "features" and r.run_id in ledger_ids]
+    (broken,) = list_runs(project, job="sc_broken", status="failure")
+    shown = show_run(project, broken.run_id[:8])
+    assert "bad row in sc_events" in shown["error"] and [e["status"] for e in shown["ledger"]] == ["failed", "failed"]
+    assert shown["logs"]["daemon_log"].endswith("lakeray_logs/dagster-daemon.log")
+    assert len(list_runs(project, limit=3)) == 3
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LAKERAY_")}
+    cli = [sys.executable, "-c", "from lakeray.cli.main import main; main()", "--config", project.source, "runs"]
+    listed = subprocess.run([*cli, "list", "--job", "sc_clean", "--json"], env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert listed.returncode == 0, listed.stderr
+    assert [json.loads(line)["run_id"] for line in listed.stdout.splitlines()][:2] == [retry.run_id, first.run_id]
+    unknown = subprocess.run([*cli, "show", "no-such-run"], env=env, capture_output=True, text=True, timeout=120)
+    assert unknown.returncode == 2 and "no run with id 'no-such-run'" in unknown.stderr
 
 
 def _get(url: str, body: dict | None = None) -> dict | int:

@@ -90,6 +90,13 @@ def test_definitions_load_with_deps_partitions_retries_and_schedules(tmp_path):
     assert policy.max_retries == 2 and policy.backoff == dg.Backoff.EXPONENTIAL
     assert {s.name: (s.cron_schedule, s.execution_timezone) for s in defs.schedules} == {
         "p_clean_schedule": ("*/5 * * * *", "UTC"), "p_daily_schedule": ("0 2 * * *", "Europe/Berlin")}
+    # A run's limits travel as tags: max_runtime = the tasks' timeouts summed (run monitoring cancels
+    # the run after it), max_retries = the largest retries (re-execution of a run whose worker died).
+    with dg.instance_for_test() as instance:
+        context = dg.build_schedule_context(instance=instance, repository_def=defs.get_repository_def(),
+                                            scheduled_execution_time=dt.datetime(2026, 3, 2, 10, 5, tzinfo=dt.timezone.utc))
+        (request,) = defs.get_repository_def().get_schedule_def("p_clean_schedule").evaluate_tick(context).run_requests
+    assert request.tags["dagster/max_runtime"] == "90" and request.tags["dagster/max_retries"] == "2"
 
 
 @pytest.mark.parametrize("declaration, message", [
@@ -178,3 +185,36 @@ def test_backfill_range_errors_name_job_and_field(tmp_path, job, first, stop, me
     with pytest.raises(ConfigError, match=message):
         check_range(settings, job, first, stop)
     assert check_range(settings, "p_daily", "2026-03-01", "2026-03-03") == ["2026-03-01", "2026-03-02"]
+
+
+def test_train_and_serve_runs_go_to_the_ray_cluster_on_a_cluster_profile_else_run_in_process(tmp_path):
+    import socket
+
+    from lakeray.errors import ClusterError
+    from lakeray.scheduler.spec_runs import run_spec, spec_command, spec_route
+
+    (tmp_path / "specs").mkdir()
+    (tmp_path / "specs" / "train.yaml").write_text("model: {kind: xgboost}\n")  # invalid: no training_set
+    settings = project(tmp_path, schedules="""
+        schedules:
+          - {name: retrain, train: specs/train.yaml, cron: "0 3 * * 1", timeout_s: 120}
+    """)
+    task = load_plan(settings).tasks["retrain"]
+    assert spec_route(settings) == "process"
+    command = spec_command(settings, task, "process")
+    assert command[-2:] == ["train", str(tmp_path / "specs" / "train.yaml")] and "--profile" in command
+    # In process: the real `lakeray train` ran and refused the spec; its output is the run's.
+    done = run_spec(settings, task, "lakeray-retrain-test-0", log=lambda _: None)
+    assert not done.ok and done.route == "process" and "exited 2" in done.message and "training_set" in done.output
+
+    # A cluster profile (a Ray dashboard address): the same command, relative to the uploaded project,
+    # submitted as a Ray job; a cluster that does not answer is one clear error, nothing run locally.
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # closed once the block ends: nothing listens there
+    cluster = load_settings(tmp_path / "lakeray.yaml", "local",
+                            environ={"LAKERAY_RAY__DASHBOARD_ADDRESS": f"http://127.0.0.1:{port}"})
+    assert spec_route(cluster) == "ray-job"
+    assert spec_command(cluster, task, "ray-job") == ["lakeray", "train", "specs/train.yaml"]
+    with pytest.raises(ClusterError, match=f"127.0.0.1:{port}.*ray.dashboard_address"):
+        run_spec(cluster, task, "lakeray-retrain-test-1", log=lambda _: None)
