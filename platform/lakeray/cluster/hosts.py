@@ -9,7 +9,8 @@ in their command lines and by its network namespace.
 
 Ray 2.60's token auth: a joining node must present the head's token. It is looked up, never printed, in
 this order: ``--token-file``, Ray's own ``RAY_AUTH_TOKEN`` / ``RAY_AUTH_TOKEN_PATH``, the token the head
-shared under the storage root (``up --head --share-token``), ``~/.ray/auth_token``.
+shared under the storage root (``up --head --share-token``), ``~/.ray/auth_token``. The head is asked
+once with it before anything starts: a token it refuses is one error naming that source.
 """
 
 from __future__ import annotations
