@@ -100,10 +100,10 @@ class S3Proxy:
         self.stop()
 
 
-def _port_free(port: int) -> bool:
+def _port_free(port: int, host: str = _HOST) -> bool:
     with socket.socket() as sock:
         try:
-            sock.bind((_HOST, port))
+            sock.bind((host, port))
         except OSError:
             return False
     return True
@@ -117,9 +117,10 @@ def _free_port() -> int:
 
 def start_s3proxy(root_dir: str, port: int | None = None, buckets: tuple[str, ...] = (),
                   access_key: str | None = None, secret_key: str | None = None, start_timeout_s: float = 60,
-                  jar: Path | None = None) -> S3Proxy:
+                  jar: Path | None = None, host: str = _HOST) -> S3Proxy:
     """Start S3Proxy serving ``root_dir`` (one sub-folder per bucket; ``buckets`` are created) on
-    127.0.0.1:``port`` (a free one when None); returns once it answers HTTP. ClusterError naming the port
+    ``host``:``port`` (127.0.0.1 and a free port by default; another host only for a cluster network such
+    as ``make demo-cluster``'s namespaces, whose hosts cannot reach each other's loopback); returns once it answers HTTP. ClusterError naming the port
     when it is taken, or with the log's tail when the server does not come up within ``start_timeout_s``
     (then nothing is left running)."""
     from lakeray.lakehouse.spark import check_java
@@ -128,8 +129,8 @@ def start_s3proxy(root_dir: str, port: int | None = None, buckets: tuple[str, ..
     jar = jar or resolve_s3proxy()
     if port is None:
         port = _free_port()
-    elif not _port_free(port):
-        raise ClusterError(f"port {_HOST}:{port} is already taken: S3Proxy cannot listen there",
+    elif not _port_free(port, host):
+        raise ClusterError(f"port {host}:{port} is already taken: S3Proxy cannot listen there",
                            "pick another port, or stop what listens there")
     root = Path(root_dir).resolve()
     for bucket in buckets:
@@ -137,7 +138,7 @@ def start_s3proxy(root_dir: str, port: int | None = None, buckets: tuple[str, ..
     access_key = access_key or "lakeray-" + secrets.token_hex(4)
     secret_key = secret_key or secrets.token_hex(16)
     state = Path(tempfile.mkdtemp(prefix="lakeray-s3proxy-"))
-    endpoint = f"http://{_HOST}:{port}"
+    endpoint = f"http://{host}:{port}"
     properties = state / "s3proxy.properties"
     properties.write_text("\n".join([
         f"s3proxy.endpoint={endpoint}",
@@ -162,7 +163,7 @@ def start_s3proxy(root_dir: str, port: int | None = None, buckets: tuple[str, ..
         if process.poll() is not None:
             break
         try:
-            with socket.create_connection((_HOST, port), timeout=1):
+            with socket.create_connection((host, port), timeout=1):
                 return server
         except OSError:
             pass
