@@ -28,12 +28,13 @@ if TYPE_CHECKING:
     from lakeray.config import Settings
 
 __all__ = ["build_definitions", "evaluate_tick", "run_key", "SCHEDULE_TAG", "INTERVAL_TAG", "BACKFILL_TAG",
-           "MAX_CATCHUP"]
+           "MAX_CATCHUP", "CRASH_RETRIES"]
 
 SCHEDULE_TAG = "lakeray/schedule"
 INTERVAL_TAG = "lakeray/interval"
 BACKFILL_TAG = "lakeray/backfill"
 MAX_CATCHUP = 100  # intervals one tick may catch up; beyond, the oldest are left to a backfill
+CRASH_RETRIES = 5  # re-executions of one interval's run whose worker died (never of a job's own failure)
 
 
 class Runtime:
@@ -106,9 +107,11 @@ def evaluate_tick(context: dg.ScheduleEvaluationContext, plan: Plan, schedule: S
     timeout, retries = plan.run_timeout(schedule), plan.run_retries(schedule)
     for interval in _intervals(context, schedule):
         tags = {SCHEDULE_TAG: schedule.name, INTERVAL_TAG: _utc(interval),
-                # A run whose worker died (daemon or host crash) is re-executed from the failed step;
-                # failures of the job itself are retried per step by the asset's RetryPolicy instead.
-                "dagster/max_retries": str(max(1, retries))}
+                # A run whose worker died (daemon or host crash) is re-executed from the failed step,
+                # up to CRASH_RETRIES times: the re-execution itself can be hit by the next crash (seen in
+                # the soak test: two kills within a minute lost an interval with one). Failures of the
+                # job itself are retried per step by the asset's RetryPolicy instead, never by these.
+                "dagster/max_retries": str(max(CRASH_RETRIES, retries))}
         if timeout is not None:
             tags["dagster/max_runtime"] = str(int(timeout))
         if context.instance.get_runs(dg.RunsFilter(tags={SCHEDULE_TAG: schedule.name, INTERVAL_TAG: _utc(interval)}),
