@@ -17,14 +17,20 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import secrets
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
 import yaml
 
+from lakeray import storage
+from lakeray.features.synthetic import generate_transactions
+from lakeray.lakehouse.delta import write_table
 from tests.conftest import REPO
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -117,6 +123,13 @@ def _start_sshd(ns: str, base) -> subprocess.Popen:
         inside = base / "tmp" / REPO.relative_to("/tmp")
         inside.mkdir(parents=True, exist_ok=True)
         shared += f"mount --bind {REPO} {inside}; "
+    # Name resolution as on a private network with working DNS: no resolver is reachable from the
+    # namespace, and every lookup the JVMs make (Spark resolves each executor's address) would wait out
+    # resolv.conf's timeouts, ~6 s each; the hosts file names both hosts and the resolver fails at once.
+    (base / "resolv.conf").write_text("nameserver 127.0.0.1\noptions timeout:1 attempts:1\n")
+    (base / "hosts").write_text(f"127.0.0.1 localhost {socket.gethostname()}\n{HEAD_IP} lakeray-head\n"
+                                f"{WORKER_IP} lakeray-worker-1\n")
+    shared += f"mount --bind {base}/resolv.conf /etc/resolv.conf; mount --bind {base}/hosts /etc/hosts; "
     script = (f"set -e; {shared}mount --rbind {home} /root; "
               f"mount --rbind {base}/tmp /tmp; mkdir -p /run/sshd; "
               "exec /usr/sbin/sshd -D -e -f /root/.sshd/sshd_config")
@@ -128,6 +141,36 @@ def _start_sshd(ns: str, base) -> subprocess.Popen:
 def _ray(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
     return subprocess.run(["ip", "netns", "exec", HEAD_NS, RAY, *args], cwd=REPO, capture_output=True,
                           text=True, timeout=timeout, env={**os.environ, **UP_ENV})
+
+
+@pytest.fixture
+def shared_lakehouse():
+    """A lakehouse every host sees at the same path (each host's /tmp is its own): /var/tmp here, an
+    object store or a shared mount on real hosts."""
+    folder = tempfile.mkdtemp(prefix="lakeray-rayup-", dir="/var/tmp")
+    os.chmod(folder, 0o755)
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def _submit(lakehouse: str, command: list[str], **env_extra: str) -> subprocess.CompletedProcess:
+    """`lakeray jobs submit --wait` from the operator's machine (the head's network here) to the head's
+    Jobs API; settings travel as LAKERAY_* (the Spark master comes from each host's ~/.lakeray-env)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LAKERAY_", "RAY_AUTH_", "RAY_ADDRESS"))}
+    env.update({"LAKERAY_STORAGE__ROOT": lakehouse, "LAKERAY_PROFILE": "local",
+                # the cluster has 4 cores: the profile's 8 shuffle partitions and 4g driver are for a laptop
+                "LAKERAY_SPARK__SHUFFLE_PARTITIONS": "4", "LAKERAY_SPARK__DRIVER_MEMORY": "1g", **env_extra})
+    return subprocess.run(["ip", "netns", "exec", HEAD_NS, str(VENV / "bin" / "lakeray"), "jobs", "submit",
+                           "--address", f"http://{HEAD_IP}:8265", "--wait", "--", *command],
+                          cwd=REPO, capture_output=True, text=True, timeout=420, env=env)
+
+
+def _get_json(url: str) -> dict:
+    """GET a URL that only the hosts' network reaches."""
+    done = subprocess.run(["ip", "netns", "exec", HEAD_NS, sys.executable, "-c",
+                           f"import httpx, sys; sys.stdout.write(httpx.get({url!r}, timeout=30).text)"],
+                          capture_output=True, text=True, timeout=120, check=True)
+    return json.loads(done.stdout)
 
 
 @pytest.fixture(scope="module")
@@ -161,9 +204,14 @@ def hosts(tmp_path_factory):
         config["cluster_name"] = CLUSTER
         config["provider"].update(head_ip=HEAD_IP, worker_ips=[WORKER_IP])
         config["auth"] = {"ssh_user": "root", "ssh_private_key": str(key)}
+        # The operator's token (the YAML mounts ~/.ray/auth_token): this machine's own stays untouched.
+        token = tmp / "auth_token"
+        token.write_text(secrets.token_hex(32))
+        token.chmod(0o600)
+        config["file_mounts"]["~/.ray/auth_token"] = str(token)
         path = tmp / "local.yaml"
         path.write_text(yaml.safe_dump(config, sort_keys=False))
-        yield path, nets, tmp
+        yield path, nets, tmp, token
     finally:
         for proc in sshds:  # PID 1 of each host's namespace: its end takes the host's processes with it
             try:
@@ -186,8 +234,11 @@ def hosts(tmp_path_factory):
                 os.remove(leftover)
 
 
-def test_ray_up_exec_down_with_the_local_provider(hosts):
-    path, (head_net, worker_net), tmp = hosts
+def test_ray_up_exec_down_with_the_local_provider(hosts, shared_lakehouse, spark):
+    path, (head_net, worker_net), tmp, token = hosts
+    # The feature job's input, written by the operator (the cluster's part is the feature job).
+    lakehouse = shared_lakehouse
+    write_table(generate_transactions(spark, 2000, 42), storage.join(lakehouse, "tables", "transactions"))
     started = time.monotonic()
     up = _ray("up", "-y", "--no-config-cache", str(path))
     up_s = time.monotonic() - started
@@ -211,6 +262,9 @@ def test_ray_up_exec_down_with_the_local_provider(hosts):
     print(f"both nodes in Ray and Spark {time.monotonic() - started:.1f} s after ray up began")
     assert seen == {"ray": [HEAD_IP, WORKER_IP], "spark": [HEAD_IP, WORKER_IP]}, seen
 
+    _feature_job_on_the_cluster(lakehouse, token)
+    _token_is_required(lakehouse)
+
     down = _ray("down", "-y", str(path), timeout=120)
     assert down.returncode == 0, down.stdout[-3000:] + down.stderr[-3000:]
     deadline = time.monotonic() + 60
@@ -218,3 +272,36 @@ def test_ray_up_exec_down_with_the_local_provider(hosts):
         time.sleep(2)
     assert _daemons_in(head_net) == [] and _daemons_in(worker_net) == [], (_daemons_in(head_net),
                                                                           _daemons_in(worker_net))
+
+
+def _feature_job_on_the_cluster(lakehouse: str, token) -> None:
+    """The issue's check: the launched head and worker run a feature job submitted with `lakeray jobs submit`:
+    it succeeds, commits its Delta table, and ran as an application of the launched Spark master with an
+    executor on each host."""
+    begun = time.monotonic()
+    done = _submit(lakehouse, ["lakeray", "features", "run", "customer_aggregates"],
+                   RAY_AUTH_TOKEN_PATH=str(token))
+    print(f"feature job submitted → SUCCEEDED: {time.monotonic() - begun:.1f} s")
+    assert done.returncode == 0 and "SUCCEEDED" in done.stderr, done.stdout[-4000:] + done.stderr[-4000:]
+    assert "customer_aggregates@0: 2000 rows from transactions@0" in done.stdout, done.stdout[-4000:]
+    import deltalake
+
+    table = deltalake.DeltaTable(storage.join(lakehouse, "tables", "customer_aggregates"))
+    assert table.version() == 0 and table.to_pyarrow_table().num_rows == 2000
+
+    apps = _get_json(f"http://{HEAD_IP}:8080/json/")["completedapps"]
+    assert [app["name"] for app in apps] == ["lakeray"], apps
+    app_id = apps[0]["id"]
+    for ip in (HEAD_IP, WORKER_IP):  # each host's Spark worker ran one of the application's executors
+        worker = _get_json(f"http://{ip}:8081/json/")
+        ran = [e for e in worker["finishedexecutors"] + worker["executors"] if e["appid"] == app_id]
+        assert ran, (ip, worker)
+
+
+def _token_is_required(lakehouse: str) -> None:
+    """The YAML turns Ray's token auth on: a submission without the cluster's token is refused, one line."""
+    refused = _submit(lakehouse, ["python", "-c", "print(1)"], RAY_AUTH_TOKEN_PATH="/nonexistent/auth_token")
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    assert "asks for a token" in refused.stderr and "Traceback" not in refused.stderr, refused.stderr
+    wrong = _submit(lakehouse, ["python", "-c", "print(1)"], RAY_AUTH_TOKEN=secrets.token_hex(32))
+    assert wrong.returncode == 1 and "refused the token" in wrong.stderr, wrong.stdout + wrong.stderr

@@ -113,6 +113,11 @@ def _probe(target: JobTarget, timeout_s: float) -> None:
         raise ClusterError(f"the Ray Jobs API at {target.address} ({target.source}) does not answer within "
                            f"{timeout_s:g} s: {type(exc).__name__}",
                            "check that the cluster is up (`lakeray cluster status`) and the address") from None
+    if answer.status_code in (401, 403) and "Authorization" not in target.headers:
+        raise ClusterError(f"the Ray cluster at {target.address} asks for a token ({answer.status_code}) and this "
+                           "machine has none (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token)",
+                           "copy the cluster's token (`ray get-auth-token` on the head prints it) into a file "
+                           "named by RAY_AUTH_TOKEN_PATH, or into ~/.ray/auth_token")
     if answer.status_code in (401, 403):
         raise ClusterError(f"the Ray cluster at {target.address} refused the token ({answer.status_code})",
                            "set RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) to the cluster's token "
