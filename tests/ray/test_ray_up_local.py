@@ -4,7 +4,9 @@ namespaces of this machine, each with an sshd (Debian's openssh-server, `make cl
 
 Each host is a network namespace plus private mount and PID namespaces: its own /root (the SSH user's
 home, where the launcher syncs the checkout and the YAML puts ~/lakeray-venv) and its own /tmp, so
-`ray stop` and the Spark pid files see only that host, as on separate machines.
+`ray stop` and the Spark pid files see only that host, as on separate machines. The cluster has Ray's
+token auth on (the YAML mounts the operator's token on every host) and runs a feature job submitted with
+`lakeray jobs submit`, the issue's check that the launched head and worker do real work.
 
 Test simplifications: the hosts share this machine's filesystem, so ~/lakeray-venv is this checkout's
 .venv (already provisioned from requirements.lock, recorded as the YAML's lock marker) and the jar cache
