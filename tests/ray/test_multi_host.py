@@ -3,7 +3,8 @@ network namespace of this machine (a veth pair, 10.77.x.1/24 and 10.77.x.2/24 on
 
 Shown from Spark's and Ray's own node lists: both hosts joined; a Spark job's tasks and a 2-worker Ray
 Train run spread over both; the worker host cut off mid-run (its link down) → Ray Train restarts from its
-checkpoint on the head, within a bounded time; `down` on each host stops only what that host started.
+checkpoint on the head, within a bounded time; `down` on each host stops only what that host started;
+a wrong token (a join, a lakeray command) is one error naming where the token came from.
 
 Test simplifications: both hosts share this machine's filesystem, so they share the storage root (and
 the head's token through it, `up --head --share-token`) and the Ray Train storage path; their hostname is
@@ -189,6 +190,31 @@ def test_a_spark_jobs_tasks_run_on_both_hosts(cluster):
     # ... and the Python workers that ran them were in both hosts' network namespaces.
     assert {net for net, _ in got["parts"]} == {_net_ns(HEAD_NS), _net_ns(WORKER_NS)}
     assert sum(rows for _, rows in got["parts"]) == 400
+
+
+def test_a_token_that_is_not_the_heads_is_one_error_naming_its_source(cluster, tmp_path):
+    """From the worker host (before its link is cut): a join, and a lakeray command, with a wrong token."""
+    root, _ = cluster
+    wrong = tmp_path / "wrong_token"
+    wrong.write_text(os.urandom(32).hex())
+    # Another storage root: this host has no record of joining there, so only the token can stop it.
+    refused = _lakeray(WORKER_NS, tmp_path / "other-root", "join", HEAD_IP, "--no-spark", "--token-file", str(wrong),
+                       timeout=120)
+    assert refused.returncode == 1, refused.stdout[-2000:] + refused.stderr[-2000:]
+    headline = refused.stderr.splitlines()[0]  # one line, then the fix
+    assert headline.endswith(f"the head at {HEAD_IP}:6379 refused this host's Ray token (from --token-file {wrong}): "
+                             "it is not the head's"), refused.stderr
+    assert wrong.read_text() not in refused.stdout + refused.stderr
+    # Nothing started: no process with the Ray temp dir this join would have had, no record.
+    from lakeray.cluster.local_cluster import temp_dir_for
+
+    would_be = temp_dir_for(str(tmp_path / "other-root"), WORKER_IP)
+    assert not [d for d in _described(_pids_in(_net_ns(WORKER_NS))) if would_be in d]
+    assert not (tmp_path / "other-root" / "cluster" / "hosts").exists()
+    shown = _lakeray(WORKER_NS, root, "status", env={"RAY_AUTH_TOKEN_PATH": str(wrong)}, timeout=120)
+    assert shown.returncode == 1
+    assert (f"the Ray cluster at {HEAD_IP}:6379 refused this host's token (RAY_AUTH_TOKEN_PATH={wrong})"
+            in shown.stderr), shown.stderr[-2000:]
 
 
 TRAIN = """
