@@ -3,7 +3,7 @@
 The replica's own class (``lakeray.serving.app.ModelServer`` without Serve's wrapper) is built in this
 process with the app's real args (online lookup and prediction log on), its FastAPI app is driven with
 its ASGI interface directly, and each layer is timed alone over the same request (µs per request, the
-median of ``rounds`` timed loops):
+median of ``rounds × loops`` single calls):
 
 - ``validate``: the generated request schema parses the JSON body (pydantic);
 - ``lookup``: the online feature lookup of one instance (dict probe + gather);
@@ -12,16 +12,17 @@ median of ``rounds`` timed loops):
 - ``vectorised``: lookup + matrix + predict + the metrics of a batch, as the batch function does it;
 - ``batch_handoff``: ``await server._score(rows)`` (the ``@serve.batch`` queue) minus ``vectorised``
   (only paid with more than one request in the replica: one alone is scored inline);
-- ``metrics``: what one answer records (``answered`` + ``batch``);
+- ``metrics``: what one answer records (``answered``; the batch's own record is in ``vectorised``);
 - ``log_append``: queueing the answer for the prediction log;
 - ``asgi_total``: the whole FastAPI app (middlewares, dependency, validation, batch, response);
-- ``asgi_other``: ``asgi_total`` minus validate, vectorised, metrics and log_append: FastAPI routing, response serialisation, the
-  middlewares and the ASGI transport itself.
+- ``asgi_other``: ``asgi_total`` minus validate, vectorised, metrics and log_append: FastAPI routing
+  and body parsing, the response, the middlewares, the one event-loop turn a lone request yields.
 
 The HTTP path (HAProxy, Serve's replica request path) is what a c=1 p50 over HTTP adds to
 ``asgi_total``; bench/serve_latency.py prints both. As a script: ``python bench/serve_layers.py``
 (trains the bench model, writes a small feature table, starts a local Ray for the replica's runtime
-context) prints the table.
+context) prints the table. It reads the replica's private prediction-log queue to empty it (timing
+only: nothing timed here reaches the table).
 """
 
 from __future__ import annotations
@@ -141,16 +142,17 @@ async def _breakdown(args: dict, body: bytes, route: str, loops: int, rounds: in
         del parsed
 
         async def timed(fn, is_async: bool = False) -> float:
+            # The median of single calls, like a load test's p50: on a shared machine a loop's mean
+            # also counts the time other processes held the core.
             samples = []
-            for _ in range(rounds):
+            for _ in range(rounds * loops):
                 started = time.perf_counter_ns()
-                for _ in range(loops):
-                    if is_async:
-                        await fn()
-                    else:
-                        fn()
-                samples.append((time.perf_counter_ns() - started) / loops / 1e3)
-            return statistics.median(samples)
+                if is_async:
+                    await fn()
+                else:
+                    fn()
+                samples.append(time.perf_counter_ns() - started)
+            return statistics.median(samples) / 1e3
 
         lookup = server.online.lookup(rows) if server.online is not None else None
         given = lookup.features if lookup is not None else None

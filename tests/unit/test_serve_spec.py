@@ -250,3 +250,36 @@ def test_online_store_serves_the_newest_row_defaults_and_refreshes(tmp_path):
         assert store.stats()["tables"][0]["entities"] == 4 and store.stats()["refreshes"] == 1
     finally:
         store.close()
+
+
+def test_logged_online_values_are_the_values_as_read(tmp_path):
+    """The prediction log gets each looked-up value as Arrow reads it (ints stay ints, nulls None,
+    strings strings), and an unknown entity the declared defaults: the numpy gather changed nothing."""
+    import pyarrow as pa
+    from deltalake import write_deltalake
+
+    from lakeray.serving.model import ServedModel
+    from lakeray.serving.online import OnlinePlan, OnlineStore
+
+    uri = str(tmp_path / "accounts")
+    data = pa.table({"account_id": pa.array([1, 2, 3], pa.int64()),
+                     "balance": pa.array([1.5, -2.25, 0.0], pa.float64()),
+                     "txn_count": pa.array([4, None, 7], pa.int64()),
+                     "active": pa.array([True, False, True]),
+                     "segment": pa.array(["gold", None, "basic"])})
+    write_deltalake(uri, data)
+    model = ServedModel("m", 1, "xgboost", ["amount", "balance", "txn_count", "active", "segment"],
+                        {"segment": ["basic", "gold"]}, scorer=None)
+    plan = OnlinePlan.model_validate({"refresh_s": 0, "tables": [{
+        "table": "accounts", "uri": uri, "entity_keys": ["account_id"], "request_keys": ["account_id"],
+        "key_types": ["int"], "features": {c: c for c in ("balance", "txn_count", "active", "segment")},
+        "defaults": {"balance": -1.0}}]})
+    store = OnlineStore(plan, model, keep_raw=True)
+    looked = store.lookup([{"account_id": 3}, {"account_id": 9}, {"account_id": 2}, {"account_id": 1}])
+    rows = data.to_pylist()
+    expected = [{k: rows[i][k] for k in ("balance", "txn_count", "active", "segment")} for i in (2, 1, 0)]
+    assert looked.raw == [expected[0], {"balance": -1.0, "txn_count": None, "active": None, "segment": None},
+                          expected[1], expected[2]]
+    assert [type(v) for v in looked.raw[0].values()] == [float, int, bool, str]
+    assert looked.unknown == [[], ["accounts"], [], []]
+    store.close()

@@ -25,6 +25,7 @@ args, so moving an alias changes nothing until the next deploy. No ``from __futu
 annotations`` here: FastAPI and Ray's builder read these annotations at runtime.
 """
 
+import asyncio
 import hashlib
 import hmac
 import time
@@ -295,6 +296,9 @@ class ModelServer:
             rows = [item.model_dump(by_alias=True) for item in body.instances]
             canary = server._to_canary(request_id)
             served = server.canary if canary else model
+            if server.in_flight <= 1:
+                # One event-loop turn: requests that arrived with this one enter the replica and count.
+                await asyncio.sleep(0)
             if server.in_flight <= 1:
                 # Alone in the replica: nothing to batch with, so score here. The @serve.batch hand-off
                 # (a queue, a task, a gather and Serve's four batch metrics) cost more than the predict.
