@@ -32,13 +32,14 @@ def learnable(settings):
     return "faults_set"
 
 
-def _spec(table: str, workers: int, rounds: int, every: int, name: str):
+def _spec(table: str, workers: int, rounds: int, every: int, name: str, placement: str = "PACK"):
     from lakeray.training.spec import TrainSpec
 
     return TrainSpec.parse({
         "name": name, "model": {"kind": "xgboost", "rounds": rounds, "params": {"max_depth": 8, "eta": 0.05}},
         "training_set": table, "label": "label", "features": {"all_except": []},
-        "split": {"kind": "hash", "column": "row_id"}, "scaling": {"num_workers": workers, "cpus_per_worker": 1},
+        "split": {"kind": "hash", "column": "row_id"},
+        "scaling": {"num_workers": workers, "cpus_per_worker": 1, "placement_strategy": placement},
         "checkpoint_every": every, "max_failures": 2, "registry": {"alias": None}})
 
 
@@ -63,7 +64,8 @@ def test_a_killed_worker_group_restarts_from_its_checkpoint(settings, ray_handle
     # Killed at the third checkpoint: Ray Train registers a reported checkpoint asynchronously, so the
     # newest one may not have been registered yet; the ones before it have. The kill lands a moment
     # after the driver saw that checkpoint, so the group may have reported a few more meanwhile.
-    report, killed = _kill_after_first_checkpoint(_spec(learnable, 2, 300, 10, "kill_group"), settings, 30)
+    # SPREAD, as on several hosts: on this one node Ray places the group anyway (best effort).
+    report, killed = _kill_after_first_checkpoint(_spec(learnable, 2, 300, 10, "kill_group", "SPREAD"), settings, 30)
     outcome = report.outcome
     assert killed and outcome.path == "ray-train"
     assert outcome.restarts >= 1
@@ -74,6 +76,19 @@ def test_a_killed_worker_group_restarts_from_its_checkpoint(settings, ray_handle
     assert resumed and 10 <= resumed[0]["step"] <= reached  # from a checkpoint, not from round 0
     assert outcome.redone_steps == reached - resumed[0]["step"] >= 0
     assert report.evaluation.metrics["auc"] > 0.75
+
+
+def test_a_strict_placement_the_cluster_cannot_give_is_refused_before_any_worker_starts(settings, ray_handle,
+                                                                                       learnable):
+    """A strict placement group that cannot be placed waits forever in Ray: lakeray refuses it first."""
+    import ray
+
+    from lakeray.errors import ClusterError
+    from lakeray.training.api import train
+
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+    with pytest.raises(ClusterError, match=rf"STRICT_SPREAD needs {len(nodes) + 1} nodes .* has {len(nodes)}"):
+        train(settings, _spec(learnable, len(nodes) + 1, 10, 5, "strict_spread", "STRICT_SPREAD"), register=False)
 
 
 def test_a_killed_single_worker_task_is_retried_from_its_checkpoint(settings, ray_handle, learnable):

@@ -114,6 +114,7 @@ def test_spec_errors_name_the_field_before_anything_runs(txns, changes, match):
     ({"model": {"kind": "lightgbm"}}, r"model.kind: Input should be 'xgboost' or 'torch'"),
     ({"metric": {"name": "f1"}}, r"metric.name: .*unknown metric 'f1'"),
     ({"scaling": {"num_workers": 0}}, r"scaling.num_workers: Input should be greater than or equal to 1"),
+    ({"scaling": {"placement_strategy": "spread"}}, r"scaling.placement_strategy: Input should be 'PACK', 'SPREAD'"),
     ({"split": {"kind": "hash", "column": "txn_id", "cutoff": "2024-01-01"}}, r"cutoff is only for kind: time"),
 ])
 def test_malformed_specs_fail_on_parse(data, match):

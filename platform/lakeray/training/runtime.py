@@ -319,6 +319,19 @@ def _check_resources(plan: TrainPlan, use_gpu: bool) -> None:
     if use_gpu and plan.num_workers > total.get("GPU", 0):
         raise ClusterError(f"{plan.where}: {plan.num_workers} GPU worker(s) need as many GPUs; the cluster has "
                            f"{total.get('GPU', 0):g}", "set scaling.use_gpu: false or auto")
+    strategy = plan.spec.scaling.placement_strategy
+    if plan.num_workers > 1 and strategy.startswith("STRICT_"):
+        # A strict placement group that cannot be placed waits, it does not fail: check what can be.
+        fits = [n for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) >= plan.cpus_per_worker]
+        roomy = [n for n in fits if n["Resources"]["CPU"] >= need_cpu]
+        if strategy == "STRICT_SPREAD" and len(fits) < plan.num_workers:
+            raise ClusterError(f"{plan.where}: scaling.placement_strategy STRICT_SPREAD needs {plan.num_workers} "
+                               f"nodes with {plan.cpus_per_worker} CPU(s) each; the Ray cluster has {len(fits)}",
+                               "use SPREAD (different nodes where possible), or add nodes")
+        if strategy == "STRICT_PACK" and not roomy:
+            raise ClusterError(f"{plan.where}: scaling.placement_strategy STRICT_PACK needs one node with "
+                               f"{need_cpu} CPUs; no node of the Ray cluster has that many",
+                               "use PACK, or lower scaling.num_workers or cpus_per_worker")
 
 
 def launch(settings: Settings, plan: TrainPlan, fit: Callable[[WorkerContext], None], run: RunFolder,
@@ -407,10 +420,16 @@ def _run_ray_train(settings: Settings, plan: TrainPlan, fit: Callable[[WorkerCon
         train_loop_config={"fit": fit, "plan": plan, "run": run, "use_gpu": use_gpu, "context": context},
         scaling_config=ScalingConfig(num_workers=plan.num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": plan.cpus_per_worker,
-                                                           **({"GPU": 1} if use_gpu else {})}),
+                                                           **({"GPU": 1} if use_gpu else {})},
+                                     placement_strategy=plan.spec.scaling.placement_strategy),
         run_config=RunConfig(name=run.run_id, storage_path=storage_path,
                              storage_filesystem=None if storage.is_local(run.root) else filesystem,
-                             failure_config=FailureConfig(max_failures=plan.spec.max_failures),
+                             # Ray Train V2 retries a worker group that cannot start (its 60 s start
+                             # timeout is a controller failure) without end by default: after a host is
+                             # lost and the rest lack the CPUs, the run would wait forever. As many
+                             # start retries as worker failures (at least one), then a clear error.
+                             failure_config=FailureConfig(max_failures=plan.spec.max_failures,
+                                                          controller_failure_limit=max(1, plan.spec.max_failures)),
                              checkpoint_config=CheckpointConfig(num_to_keep=2), callbacks=callbacks),
     )
     box: dict[str, Any] = {}

@@ -86,6 +86,10 @@ class ScalingSpec(_Model):
     cpus_per_worker: int = Field(1, ge=1, description="CPUs (and threads) per worker.")
     use_gpu: Literal["auto"] | bool = Field("auto", description="auto: one GPU per worker when the cluster has "
                                             "that many; true: require them (error otherwise); false: CPU.")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="Where a worker group's workers go (Ray placement-group strategy): PACK fills one "
+        "node first (fastest collectives); SPREAD puts them on different nodes where it can, so losing a host "
+        "costs fewer workers; STRICT_* refuse to start otherwise. Ignored for one worker.")
 
 
 class EarlyStopping(_Model):
