@@ -10,7 +10,7 @@ STAMP := $(VENV)/.lakeray-installed
 export SPARK_LOCAL_IP ?= 127.0.0.1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup demo test test-quick bench bench-tools cluster-tools lint lock clean
+.PHONY: setup demo demo-cluster test test-quick bench bench-tools cluster-tools lint lock clean
 
 # `lakeray setup` runs every time: a ~0.3 s no-op once the jars are in the per-user cache
 # (~/.cache/lakeray/jars, or $LAKERAY_CACHE/jars), which lives outside the project so make cannot stamp it.
@@ -30,6 +30,11 @@ $(STAMP): $(VENV)/bin/python requirements.lock pyproject.toml
 
 demo: setup
 	$(VENV)/bin/lakeray demo
+
+# The cluster-local profile end to end: two network-namespace hosts, S3Proxy, cluster up --head + join,
+# the whole demo, teardown (root + iproute2; docs/cluster.md). ROWS=50000 for a shorter run.
+demo-cluster: setup
+	$(PY) cluster/scripts/demo_cluster.py $(if $(ROWS),--rows $(ROWS))
 
 test: setup
 	$(PY) -m pytest

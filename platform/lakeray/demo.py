@@ -149,13 +149,17 @@ def write_labels(spark: Any, settings: Settings, source_table: str, source_versi
     return write_table(labels.select(ID_COLUMN, ENTITY_KEY, EVENT_TIME, LABEL), settings.table_path(labels_table))
 
 
-def demo_train_spec(training_set_version: int):
+def demo_train_spec(training_set_version: int, num_workers: int | None = None, cpus_per_worker: int | None = None):
     """The example project's train spec (jobs/training/fraud_xgboost.yaml) pinned to the demo's training
     set version. The demo deploys what it just trained, so the new version gets ``champion`` directly
-    (a project's own runs get ``challenger`` and `lakeray models promote` decides)."""
+    (a project's own runs get ``challenger`` and `lakeray models promote` decides). ``num_workers`` /
+    ``cpus_per_worker`` replace the spec's scaling (``make demo-cluster`` trains on both hosts)."""
     from lakeray.training.spec import load_train_spec
 
     spec = load_train_spec(example_project() / "jobs" / "training" / "fraud_xgboost.yaml")
+    scaling = {k: v for k, v in (("num_workers", num_workers), ("cpus_per_worker", cpus_per_worker)) if v}
+    if scaling:
+        spec = spec.model_copy(update={"scaling": spec.scaling.model_copy(update=scaling)})
     return spec.model_copy(update={"training_set": f"{TRAINING_SET}@{training_set_version}",
                                    "registry": spec.registry.model_copy(update={"alias": "champion"})})
 
@@ -192,8 +196,8 @@ def _with_feature_job(settings: Settings) -> tuple[Settings, str, str | None]:
 
 
 def run_demo(settings: Settings, rows: int = 200_000, seed: int = 42, predictions: int = 6,
-             progress: Progress | None = None, serve_forever: Callable[[DemoResult], None] | None = None
-             ) -> DemoResult:
+             progress: Progress | None = None, serve_forever: Callable[[DemoResult], None] | None = None,
+             train_workers: int | None = None, train_cpus: int | None = None) -> DemoResult:
     """Run every stage; Spark, Ray and Serve are shut down on the way out (exceptions and Ctrl-C too)."""
     import httpx
 
@@ -233,7 +237,7 @@ def run_demo(settings: Settings, rows: int = 200_000, seed: int = 42, prediction
         with _stage(result, "ray", progress):
             ray_handle = start_ray(settings)
         with _stage(result, "train", progress):
-            spec = demo_train_spec(result.training_set_version)
+            spec = demo_train_spec(result.training_set_version, train_workers, train_cpus)
             report = train(settings, spec, "demo train spec (jobs/training/fraud_xgboost.yaml)")
             result.features = report.outcome.plan.features
             result.auc = round(report.evaluation.metrics["auc"], 4)

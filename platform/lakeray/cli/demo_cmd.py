@@ -22,8 +22,13 @@ _LABELS = {
 @click.option("--seed", type=int, default=42, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (nothing else on stdout).")
 @click.option("--keep-serving", is_flag=True, help="Keep the endpoint up after the demo until Ctrl-C.")
+@click.option("--train-workers", type=click.IntRange(min=1), default=None,
+              help="Training workers (the example spec's scaling.num_workers otherwise) [1].")
+@click.option("--train-cpus", type=click.IntRange(min=1), default=None,
+              help="CPUs per training worker (the example spec's scaling.cpus_per_worker otherwise) [2].")
 @click.pass_context
-def demo(ctx: click.Context, rows: int, seed: int, as_json: bool, keep_serving: bool) -> None:
+def demo(ctx: click.Context, rows: int, seed: int, as_json: bool, keep_serving: bool,
+         train_workers: int | None, train_cpus: int | None) -> None:
     """Run the whole path on the current profile and print a summary."""
     import time
 
@@ -68,7 +73,8 @@ def demo(ctx: click.Context, rows: int, seed: int, as_json: bool, keep_serving: 
 
     try:
         result = run_demo(settings, rows=rows, seed=seed, progress=progress,
-                          serve_forever=hold if keep_serving else None)
+                          serve_forever=hold if keep_serving else None,
+                          train_workers=train_workers, train_cpus=train_cpus)
     finally:
         status.stop()
     if not keep_serving:
