@@ -266,7 +266,8 @@ def create_spark_session(settings: Settings) -> SparkSession:
         os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     # After every commit Delta rebuilds the table's state in `snapshotPartitions` tasks (default 50):
     # ~4.5 s per write on local[2] whatever the data size (a 10-row write took 5.4 s, 0.9 s with 2), and
-    # on a 2-host standalone cluster of 4 cores a 2,000-row feature job took 180 s with 50, 72 s with 4.
+    # on a 2-host standalone cluster of 4 cores a 2,000-row feature job took 186/203 s with 50 and
+    # 110/159 s with 4 (runs alternated on one cluster, machine loaded).
     # The useful width is the cores locally and the profile's shuffle width on a cluster, never above
     # Delta's 50 (a big cluster's 200 shuffle partitions would only add tasks to a small log replay).
     width = min(cfg.shuffle_partitions, os.cpu_count() or 1) if cfg.master.startswith("local") else \
