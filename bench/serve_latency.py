@@ -13,7 +13,8 @@ Method (one run, the same registered XGBoost model on 30 features, the same one-
      one replica.
   5. Plain and lakeray are measured interleaved, ``--rounds`` times, alternating which goes first (load
      drift on a shared machine then hits both alike); each figure is the median over rounds.
-  6. The same lakeray app without the prediction log, at 64 connections (what the log costs).
+  6. The same lakeray app without the prediction log, at 64 connections, in the same rounds (what the
+     log costs).
   7. Where the time goes: the replica's own FastAPI app, built in this process without Serve, timed per
      layer (bench/serve_layers.py); the rest of a c=1 p50 is the HTTP path.
   Each server: p50/p99 at concurrency 1 and requests/s at 64 (wrk, or bench/loadgen.py's client),
@@ -61,17 +62,23 @@ def _median(runs: list[dict], key: str, field: str) -> float:
     return round(statistics.median(run[key][field] for run in runs), 3)
 
 
-def _interleaved(plain_url: str, lakeray_url: str, body: bytes, args) -> tuple[list[dict], list[dict]]:
-    """``args.rounds`` rounds of c=1 then c=64 on both servers, alternating which goes first."""
-    plain_runs, lakeray_runs = [], []
+def _interleaved(plain_url: str, lakeray_url: str, nolog_url: str, body: bytes,
+                 args) -> tuple[list[dict], list[dict], list[dict]]:
+    """``args.rounds`` rounds, alternating the order: c=1 then c=64 on plain and lakeray, c=64 on the
+    lakeray app without the prediction log."""
+    plain_runs, lakeray_runs, nolog_runs = [], [], []
     for round_no in range(args.rounds):
-        order = [("plain", plain_url), ("lakeray", lakeray_url)]
+        order = [("plain", plain_url), ("lakeray", lakeray_url), ("nolog", nolog_url)]
         for name, url in order if round_no % 2 == 0 else order[::-1]:
+            if name == "nolog":
+                nolog_runs.append(measure(f"{url}/predict", body, 64, args.seconds, warmup_s=2.0).as_dict())
+                print(f"round {round_no + 1} lakeray without log: c=64 {nolog_runs[-1]['rps']:.0f} req/s", flush=True)
+                continue
             figures = _both(f"{url}/predict", body, args, url if name == "lakeray" else None)
             (plain_runs if name == "plain" else lakeray_runs).append(figures)
             print(f"round {round_no + 1} {name}: c=1 p50 {figures['c1']['p50_ms']:.2f} ms, "
                   f"c=64 {figures['c64']['rps']:.0f} req/s", flush=True)
-    return plain_runs, lakeray_runs
+    return plain_runs, lakeray_runs, nolog_runs
 
 
 def main() -> int:
@@ -113,11 +120,10 @@ def main() -> int:
                 deploy_started = time.perf_counter()
                 endpoint = deploy_spec(settings, spec)
                 deploy_s = time.perf_counter() - deploy_started
-                plain_runs, lakeray_runs = _interleaved(plain.url, endpoint.url, body, args)
-                health = healthz(endpoint.url)
-                # What the prediction log costs at c=64: the same app without it.
+                # What the prediction log costs at c=64: the same app without it, in the same rounds.
                 nolog = deploy_spec(settings, serve_spec("bench-nolog", "/nolog", log=False, features=features))
-                nolog_c64 = measure(f"{nolog.url}/predict", body, 64, args.seconds, warmup_s=2.0).as_dict()
+                plain_runs, lakeray_runs, nolog_runs = _interleaved(plain.url, endpoint.url, nolog.url, body, args)
+                health = healthz(endpoint.url)
                 fast_proxy = handle.fast_proxy
                 layers = layer_breakdown_us(app_args(serve_spec("bench-layers", "/layers", features=features),
                                                      settings, model["uri"]), body)
@@ -136,7 +142,8 @@ def main() -> int:
     vs_default = lk_rps / ds["c64"]["rps"]
     sizes = lakeray_runs[-1]["batch_sizes"]
     other_share = other_load.share()
-    runs = [f[c] for f in (*plain_runs, *lakeray_runs, ds) for c in ("c1", "c64")] + [nolog_c64]
+    nolog_rps = round(statistics.median(run["rps"] for run in nolog_runs), 3)
+    runs = [f[c] for f in (*plain_runs, *lakeray_runs, ds) for c in ("c1", "c64")] + nolog_runs
     during = max((r["other_cpu_share"] for r in runs if r.get("other_cpu_share") is not None), default=other_share)
     busy = during > BUSY_SHARE
     tool = lakeray_runs[0]["c1"]["tool"]
@@ -165,7 +172,7 @@ def main() -> int:
         f"c=64: lakeray scored {sizes['mean']:.1f} requests per predict on average (largest {sizes['max']}); plain "
         f"and default Serve score one request per predict. Default Serve queues in its proxy beyond "
         f"max_ongoing_requests 5.",
-        f"c=64 without the prediction log: {nolog_c64['rps']:.0f} req/s vs {lk_rps:.0f} with it.",
+        f"c=64 without the prediction log: {nolog_rps:.0f} req/s vs {lk_rps:.0f} with it (medians, same rounds).",
         f"the load generator ({tool}) runs on the same cores as the servers it measures.",
     ]
     result = {
@@ -185,8 +192,8 @@ def main() -> int:
         "lakeray_p50_ms": lk_p50, "lakeray_p99_ms": lk_p99, "lakeray_rps_c64": lk_rps,
         "plain_p50_ms": plain_p50, "plain_p99_ms": plain_p99, "plain_rps_c64": plain_rps,
         "default_serve_p50_ms": ds["c1"]["p50_ms"], "default_serve_rps_c64": ds["c64"]["rps"],
-        "lakeray_nolog_rps_c64": nolog_c64["rps"],
-        "log_throughput_ratio": round(lk_rps / nolog_c64["rps"], 3),
+        "lakeray_nolog_rps_c64": nolog_rps, "lakeray_nolog": nolog_runs,
+        "log_throughput_ratio": round(lk_rps / nolog_rps, 3),
         "batch_sizes": sizes,
         "prediction_log": health.get("prediction_log"),
         "online_features": health.get("online_features"),
