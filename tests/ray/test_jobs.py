@@ -315,7 +315,7 @@ def test_upload_leaves_out_large_files_and_refuses_over_the_cap(tmp_path):
     plan = plan_upload(settings, max_file_bytes=2 * 2**20, cap_bytes=16 * 2**20)
     assert plan.large_files == [("model.bin", 3 * 2**20)] and "/model.bin" in plan.excludes
     assert {".venv", "/lakehouse"} <= set(plan.excludes)
-    assert plan.files == 5 and plan.bytes == 3 * 2**20 + len("print(1)\n") + len((tmp_path / "lakeray.yaml").read_text())
+    assert plan.files == 5 and plan.bytes == 3 * 2**20 + len("print(1)\n") + len((tmp_path / "lakeray.yaml").read_bytes())
 
     with pytest.raises(ConfigError) as over:
         plan_upload(settings, max_file_bytes=4 * 2**20, cap_bytes=5 * 2**20)
