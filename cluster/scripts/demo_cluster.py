@@ -84,7 +84,10 @@ class Demo:
         token = os.path.join(work, "ray_token")
         with open(os.open(token, os.O_WRONLY | os.O_CREAT, 0o600), "w", encoding="utf-8") as fh:
             fh.write(secrets.token_hex(32))
-        base = {k: v for k, v in os.environ.items() if not k.startswith(("LAKERAY_", "RAY_", "AWS_", "MLFLOW_"))}
+        # The caller's lakeray/Ray/AWS/MLflow settings and the Makefile's SPARK_LOCAL_IP=127.0.0.1 must not
+        # reach the hosts: each host's processes bind to that host's own address.
+        base = {k: v for k, v in os.environ.items()
+                if not k.startswith(("LAKERAY_", "RAY_", "AWS_", "MLFLOW_")) and k != "SPARK_LOCAL_IP"}
         self.env = {**base, "LAKERAY_CONFIG": os.path.join(REPO, "lakeray.yaml"), "LAKERAY_PROFILE": PROFILE,
                     "DEMO_CLUSTER_S3_KEY": key, "DEMO_CLUSTER_S3_SECRET": secret,
                     "RAY_AUTH_TOKEN_PATH": token, "PYSPARK_PYTHON": sys.executable,
