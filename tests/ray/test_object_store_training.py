@@ -154,7 +154,10 @@ def test_lakeray_train_keeps_its_run_checkpoints_and_artifacts_in_the_bucket(pro
         assert resumed and 10 <= resumed[0]["step"] <= 300
 
         # MLflow: the registry stays in local SQLite, the artifacts are in the bucket.
-        client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{folder}/mlflow.db")
+        # registry_uri too: an earlier test in this process may have set a global registry URI, which a
+        # client given only tracking_uri would use.
+        db = f"sqlite:///{folder}/mlflow.db"
+        client = mlflow.MlflowClient(tracking_uri=db, registry_uri=db)
         version = client.get_model_version_by_alias("bucket_xgb", "challenger")
         artifact_uri = client.get_run(version.run_id).info.artifact_uri
         assert artifact_uri.startswith(f"{ROOT}/mlartifacts/")

@@ -253,6 +253,8 @@ def test_a_retried_interval_is_not_committed_twice_and_runs_list_merges_the_ledg
     assert history.count(tags["lakeray/interval"]) == 1
 
     # `runs list`: Dagster runs and the feature ledger in one history, newest first.
+    # The ledger stamps start times to the second: a run started in the retry's second could sort either way.
+    time.sleep(1.1)
     standalone = run_feature_job(spark, project, "sc_totals")  # `lakeray features run`, outside Dagster
     rows = list_runs(project, limit=None)
     assert rows[0].source == "features" and rows[0].run_id == standalone.run_id
