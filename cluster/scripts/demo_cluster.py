@@ -67,11 +67,9 @@ def _pids_in(net: str) -> list[int]:
 
 
 def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", encoding="utf-8") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
+    from lakeray.cluster.processes import alive
+
+    return alive(pid)
 
 
 class Demo:
