@@ -10,7 +10,7 @@ STAMP := $(VENV)/.lakeray-installed
 export SPARK_LOCAL_IP ?= 127.0.0.1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup demo demo-cluster test test-quick bench bench-tools cluster-tools lint lock clean
+.PHONY: setup demo demo-cluster test test-quick bench bench-tools cluster-tools scheduler-tools lint lock clean
 
 # `lakeray setup` runs every time: a ~0.3 s no-op once the jars are in the per-user cache
 # (~/.cache/lakeray/jars, or $LAKERAY_CACHE/jars), which lives outside the project so make cannot stamp it.
@@ -73,6 +73,15 @@ cluster-tools:
 	@{ test -x /usr/sbin/sshd && command -v rsync >/dev/null; } || ! command -v apt-get >/dev/null \
 	  || $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends openssh-server rsync \
 	  || ($(SUDO) apt-get update -q && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends openssh-server rsync)
+
+# Debian's chromium (the headless browser test of the Dagster UI, tests/spark/test_scheduler.py) and
+# postgresql (a throwaway server for the Postgres scheduler storage test) for `make test`; the tests
+# call this target when a binary is missing. Installed only when missing.
+scheduler-tools:
+	@{ command -v chromium >/dev/null && test -x "$$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | tail -1)/initdb"; } \
+	  || ! command -v apt-get >/dev/null \
+	  || $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium postgresql \
+	  || ($(SUDO) apt-get update -q && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium postgresql)
 
 lint: setup
 	$(VENV)/bin/lint-imports

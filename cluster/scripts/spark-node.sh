@@ -32,6 +32,10 @@ case "${1:-}" in
     ;;
   worker)
     master_url="${2:?usage: spark-node.sh worker spark://HOST:7077}"
+    # Application folders (executor logs, shipped jars) outside the venv's pyspark package, where Spark
+    # puts them by default and nothing removes them; finished applications' folders go after 3 days.
+    export SPARK_WORKER_DIR="${SPARK_WORKER_DIR:-/tmp/lakeray-spark-work}"
+    export SPARK_WORKER_OPTS="${SPARK_WORKER_OPTS:-} -Dspark.worker.cleanup.enabled=true -Dspark.worker.cleanup.appDataTtl=259200"
     "$daemon" start org.apache.spark.deploy.worker.Worker 1 \
       --host "$NODE_IP" --webui-port "${SPARK_WORKER_WEBUI_PORT:-8081}" "$master_url"
     ;;

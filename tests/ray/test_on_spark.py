@@ -88,7 +88,7 @@ def spark_cluster(tmp_path_factory):
     master = [os.path.join(spark_home(), "bin", "spark-class"), "org.apache.spark.deploy.master.Master",
               "--host", LOOPBACK, "--port", str(port), "--webui-port", str(ui_port)]
     pids = [start_jvm(master, spark_env(LOOPBACK), str(logs / "master.log")),
-            start_jvm(spark_worker_command(master_url, LOOPBACK, 2, 2048), spark_env(LOOPBACK), str(logs / "worker.log"))]
+            start_jvm(spark_worker_command(master_url, LOOPBACK, 2, 2048, str(logs / "work")), spark_env(LOOPBACK), str(logs / "worker.log"))]
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:

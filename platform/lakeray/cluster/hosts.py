@@ -215,7 +215,8 @@ def join(settings: Settings, head_address: str, node_ip: str | None = None, cpus
                                    "check --spark-master and that its port is open to this host, or join with --no-spark")
             log = os.path.join(state.log_dir, "spark-worker.log")
             cmd = spark_worker_command(spark_master, node_ip, spark_cores or os.cpu_count() or 1,
-                                       spark_memory_mb or spark_worker_memory_mb())
+                                       spark_memory_mb or spark_worker_memory_mb(),
+                                       os.path.join(state.log_dir, "spark-work"))
             state.spark_pids.append(start_jvm(cmd, spark_env(node_ip), log))
             _wait_registered(log, spark_master, timeout_s)
     except BaseException:

@@ -160,7 +160,8 @@ def _start_spark(state: ClusterState, cores: int, memory_mb: int, timeout_s: flo
               "--host", host, "--port", str(port), "--webui-port", str(ui_port)]
     state.spark_master_url, state.spark_ui_url = master_url, f"http://{host}:{ui_port}"
     for name, cmd in [("spark-master", master),
-                      ("spark-worker", spark_worker_command(master_url, host, cores, memory_mb))]:
+                      ("spark-worker", spark_worker_command(master_url, host, cores, memory_mb,
+                                                             os.path.join(state.log_dir, "spark-work")))]:
         state.spark_pids.append(start_jvm(cmd, env, os.path.join(state.log_dir, f"{name}.log")))
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
