@@ -47,6 +47,9 @@ def test_cloud_yaml_has_the_lakeray_parts(path):
     assert "spark-node.sh worker" in " ".join(config["worker_start_ray_commands"])
     env = " ".join(config["docker"]["run_options"])
     assert "LAKERAY_STORAGE__ROOT=" in env
+    # Token auth as in local.yaml: the operator's token file travels, every container asks for it.
+    assert config["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
+    assert "--env=RAY_AUTH_MODE=token" in config["docker"]["run_options"]
     # Instance identity only: no key material anywhere in the file.
     text = path.read_text()
     for secret in ("AWS_SECRET_ACCESS_KEY", "aws_secret_access_key", "AccountKey=", "private_key_id", "sig="):
