@@ -36,6 +36,7 @@ __all__ = [
     "TrainConfig",
     "ServeConfig",
     "TrainingSetsConfig",
+    "SchedulerConfig",
     "Profile",
     "ProjectConfig",
     "Settings",
@@ -208,6 +209,32 @@ class TrainingSetsConfig(_Model):
         "build whose inputs would not fit the limit (estimated at 4x their Delta file size) is refused up front.")
 
 
+class SchedulerConfig(_Model):
+    home: str | None = Field(
+        None, description="Local folder for the scheduler's DAGSTER_HOME (dagster.yaml, workspace.yaml, state.json, "
+        "the daemon's and webserver's logs, compute logs), relative to the project; empty: <storage.root>/_dagster, "
+        "which needs a local storage.root.")
+    postgres_url_env: str | None = Field(
+        None, description="Name of the environment variable holding the Postgres URL "
+        "(postgresql://user:password@host:5432/db) of the Dagster run, event-log and schedule storage, never the URL "
+        "itself; empty: SQLite files in the scheduler's home.")
+
+    @field_validator("postgres_url_env")
+    @classmethod
+    def _variable_name(cls, value: str | None) -> str | None:
+        if value and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", value):
+            raise ValueError("must be the NAME of an environment variable (the URL and its password stay out of "
+                             "the file)")
+        return value
+
+    @field_validator("home")
+    @classmethod
+    def _local_home(cls, value: str | None) -> str | None:
+        if value and not storage.is_local(value):
+            raise ValueError("must be a local folder (the scheduler's pids, logs and config files)")
+        return value
+
+
 class Profile(_Model):
     spark: SparkConfig = Field(default_factory=SparkConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
@@ -216,6 +243,7 @@ class Profile(_Model):
     train: TrainConfig = Field(default_factory=TrainConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
     training_sets: TrainingSetsConfig = Field(default_factory=TrainingSetsConfig)
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     feature_paths: list[str] = Field(
         default_factory=lambda: ["jobs/features"],
         min_length=1,

@@ -67,16 +67,14 @@ def backfill_days(settings: Settings, name: str, first: str, stop: str, spark: S
     import dagster as dg
 
     from lakeray.scheduler.assets import BACKFILL_TAG, build_definitions
-    from lakeray.scheduler.service import dagster_home
+    from lakeray.scheduler.service import open_instance
 
     days = check_range(settings, name, first, stop)
     asset = build_definitions(settings, spark=spark).resolve_assets_def(name)
     tags = {BACKFILL_TAG: uuid.uuid4().hex[:12]}
     own = instance is None
     if instance is None:
-        home = dagster_home(settings)
-        home.mkdir(parents=True, exist_ok=True)
-        instance = dg.DagsterInstance.from_config(str(home))
+        instance = open_instance(settings)
     results = []
     try:
         for day in days:

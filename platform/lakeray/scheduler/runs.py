@@ -53,15 +53,11 @@ class RunRow:
 
 
 def _instance(settings: Settings):
-    """The project's Dagster instance, or None when nothing was ever scheduled here."""
-    import dagster as dg
+    """The project's Dagster instance (SQLite or the profile's Postgres), or None when nothing was ever
+    scheduled here."""
+    from lakeray.scheduler.service import open_instance
 
-    from lakeray.scheduler.service import dagster_home
-
-    home = dagster_home(settings)
-    if not (home / "storage").is_dir():
-        return None
-    return dg.DagsterInstance.from_config(str(home))
+    return open_instance(settings, existing_only=True)
 
 
 def _epoch(stamp: str | None) -> float | None:

@@ -1,8 +1,9 @@
 """``lakeray scheduler start|stop|status``: the Dagster daemon and webserver of one project.
 
 Both run in the background in their own process groups, with ``DAGSTER_HOME`` at
-``<storage root>/_dagster`` (SQLite run, event and schedule storage; the generated ``dagster.yaml`` and
-``workspace.yaml``; the two processes' output in ``lakeray_logs/``) and the UI bound to 127.0.0.1.
+``<storage root>/_dagster`` or the profile's ``scheduler.home`` (the generated ``dagster.yaml`` and
+``workspace.yaml``; the two processes' output in ``lakeray_logs/``; SQLite run, event and schedule storage,
+or none there when ``scheduler.postgres_url_env`` names a Postgres URL) and the UI bound to 127.0.0.1.
 ``state.json`` there records their pids; ``stop`` signals exactly those groups (a daemon's code server
 and run workers are in its group), never another Dagster on the machine. ``start`` validates the plan
 and the definitions first: a bad declaration fails before anything is started.
@@ -26,7 +27,8 @@ from lakeray.errors import ClusterError, ConfigError
 if TYPE_CHECKING:
     from lakeray.config import Settings
 
-__all__ = ["SchedulerState", "dagster_home", "start", "stop", "status"]
+__all__ = ["SchedulerState", "check_storage", "dagster_home", "instance_yaml", "open_instance", "start", "stop",
+           "status"]
 
 _HOST = "127.0.0.1"
 _LOGS = "lakeray_logs"  # not logs/: Dagster manages $DAGSTER_HOME/logs itself and empties it
@@ -74,11 +76,91 @@ class SchedulerState:
 
 
 def dagster_home(settings: Settings) -> Path:
+    """``scheduler.home``, else ``<storage.root>/_dagster``: always a local folder (pids, logs, config)."""
+    if settings.profile.scheduler.home:
+        return Path(settings.resolve(settings.profile.scheduler.home)).resolve()
     root = settings.storage_root
     if "://" in root:
-        raise ConfigError(f"storage.root {root} is an object store; the local scheduler keeps its SQLite storage "
-                          "in a folder", "use a local storage.root for `lakeray scheduler start`")
+        raise ConfigError(f"storage.root {root} is an object store; the scheduler keeps its pids, logs and "
+                          "config files in a local folder", "set scheduler.home to a local folder (with "
+                          "scheduler.postgres_url_env for the run storage on a cluster), or use a local storage.root")
     return Path(root, "_dagster").resolve()
+
+
+def _postgres_url(settings: Settings) -> tuple[str, str] | None:
+    """(variable name, URL) of the configured Postgres storage; None for SQLite."""
+    name = settings.profile.scheduler.postgres_url_env
+    if not name:
+        return None
+    url = os.environ.get(name, "")
+    fix = (f"export {name}=postgresql://USER:PASSWORD@HOST:5432/DB (the scheduler's database), or unset "
+           "scheduler.postgres_url_env for SQLite storage")
+    if not url:
+        raise ConfigError(f"scheduler.postgres_url_env names {name}, which is not set", fix)
+    if not url.startswith("postgresql://"):  # SQLAlchemy (Dagster) does not load a postgres:// URL
+        raise ConfigError(f"{name} (scheduler.postgres_url_env) is not a postgresql:// URL", fix)
+    return name, url
+
+
+def _where(url: str) -> str:
+    """``user@host:port/db`` of a Postgres URL: the password never goes into a message."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        return f"{parts.username or ''}@{parts.hostname or 'localhost'}:{parts.port or 5432}{parts.path or '/'}"
+    except ValueError:
+        return "an unparsable URL"
+
+
+def check_storage(settings: Settings, timeout_s: int = 10) -> bool:
+    """Connect once to the configured Postgres, so a missing variable, a wrong password or an unreachable
+    server fails here with the setting named, not in a daemon's log; True when Postgres is configured."""
+    found = _postgres_url(settings)
+    if found is None:
+        return False
+    name, url = found
+    import psycopg2
+
+    try:
+        psycopg2.connect(url, connect_timeout=max(2, timeout_s)).close()
+    except psycopg2.Error as exc:
+        reason = " ".join(str(exc).split())  # libpq's message: several lines, never the password
+        where = _where(url)
+        if "password" in reason or "authentication" in reason:
+            fix = f"correct the user and password in {name}"
+        elif "does not exist" in reason:
+            fix = f"create the database (createdb) or name an existing one in {name}"
+        else:
+            fix = f"start Postgres at {where.split('@', 1)[1].split('/')[0]} or correct the host and port in {name}"
+        raise ConfigError(f"the scheduler's Postgres {where} ({name}, scheduler.postgres_url_env) refused the "
+                          f"connection: {reason}", fix) from None
+    return True
+
+
+def instance_yaml(settings: Settings) -> str:
+    """The generated ``dagster.yaml``: the settings above, plus Dagster's Postgres storage when configured
+    (an ``env:`` reference: the URL and its password never reach the file)."""
+    name = settings.profile.scheduler.postgres_url_env
+    storage = f"storage:\n  postgres:\n    postgres_url:\n      env: {name}\n" if name else ""
+    return _INSTANCE_YAML + storage
+
+
+def open_instance(settings: Settings, existing_only: bool = False):
+    """The project's Dagster instance (its storage checked first, its ``dagster.yaml`` written); with
+    ``existing_only``, None when SQLite storage was never created here (nothing was ever scheduled)."""
+    import dagster as dg
+
+    home = dagster_home(settings)
+    postgres = check_storage(settings)
+    if existing_only and not postgres and not (home / "storage").is_dir():
+        return None
+    home.mkdir(parents=True, exist_ok=True)
+    config = home / "dagster.yaml"
+    text = instance_yaml(settings)
+    if not config.is_file() or config.read_text() != text:
+        config.write_text(text)
+    return dg.DagsterInstance.from_config(str(home))
 
 
 def _state_file(settings: Settings) -> Path:
@@ -140,6 +222,7 @@ def start(settings: Settings, port: int | None = None, wait_s: float = 180.0) ->
 
     from lakeray.scheduler.assets import build_definitions
 
+    check_storage(settings)  # a wrong Postgres setting fails before anything is started or written
     current = _read_state(settings)
     alive = {"dagster-daemon": current is not None and _ours(current.daemon_pid, "dagster-daemon"),
              "dagster-webserver": current is not None and _ours(current.webserver_pid, "dagster-webserver")}
@@ -154,10 +237,9 @@ def start(settings: Settings, port: int | None = None, wait_s: float = 180.0) ->
     home = dagster_home(settings)
     logs = home / _LOGS
     logs.mkdir(parents=True, exist_ok=True)
-    (home / "dagster.yaml").write_text(_INSTANCE_YAML)
-    # Create the SQLite storages once, here: the daemon and the webserver creating them at the same
-    # moment can lose the race and exit.
-    with dg.DagsterInstance.from_config(str(home)) as instance:
+    # Create the storages (SQLite files or Postgres tables) once, here: the daemon and the webserver
+    # creating them at the same moment can lose the race and exit.
+    with open_instance(settings) as instance:
         instance.all_instigator_state()
         if not alive["dagster-daemon"]:  # every run worker lived in the dead daemon's group
             _fail_orphaned_runs(instance)
