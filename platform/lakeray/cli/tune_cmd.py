@@ -24,7 +24,8 @@ def tune(ctx: click.Context, spec_file: str, resume: bool, as_json: bool, no_reg
 
     settings = settings_from(ctx)
     spec = load_tune_spec(spec_file)
-    checked = validate_search(settings, spec, spec_file)  # every spec error, before any cluster time
+    # every spec error, the bucket and the MLflow store, before any cluster time
+    checked = validate_search(settings, spec, spec_file, register=not no_register)
     check_search_folder(settings, spec.name, resume)  # an existing search without --resume: before Ray starts
     view = None if as_json else _LiveTable(checked[0])
     with ray_session(settings):

@@ -23,6 +23,10 @@
 The search lives in ``<storage root>/tune_runs/<name>``: Tune's experiment folder (trials, checkpoints,
 searcher state) plus ``lakeray_search.json`` (what was logged and registered). ``resume=True`` restores
 it with ``Tuner.restore``: finished trials are kept, unfinished ones continue from their checkpoints.
+With an object-store root that folder is in the bucket: Tune gets ``storage_filesystem`` (the one Ray
+Train gets for ``lakeray train``: it pickles with the credential variable names only), its driver
+uploads the experiment state there, trials upload their checkpoints, and lakeray's own files go
+through :mod:`lakeray.storage`; ``--resume`` restores from the bucket, on any machine.
 """
 
 from __future__ import annotations
@@ -30,12 +34,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import posixpath
 import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from lakeray import storage
 from lakeray.errors import ClusterError, ConfigError
 from lakeray.training.runtime import WorkerContext, read_state
 from lakeray.training.tune_group import GROUP_DRIVER_CPU, TRIAL_RUNS
@@ -49,7 +55,7 @@ if TYPE_CHECKING:
     from lakeray.training.spec import TrainPlan
 
 __all__ = ["TuneSpec", "TrialStatus", "TuneReport", "load_tune_spec", "validate_search", "search", "search_folder",
-           "check_search_folder", "trial_cpus", "trial_checkpoint", "read_search_state", "write_search_state",
+           "check_search_folder", "tune_storage", "trial_cpus", "trial_checkpoint", "read_search_state", "write_search_state",
            "STATE_FILE", "TRIAL_RUNS", "GROUP_DRIVER_CPU"]
 
 
@@ -194,18 +200,32 @@ class TuneReport:
 
 
 def search_folder(settings: Settings, name: str) -> str:
-    root = settings.storage_root
-    if "://" in root:
-        raise ConfigError(f"storage.root {root} is an object store; searches keep their trials in a local or "
-                          "shared folder for now", "use a local storage.root (object stores: issue 14)")
-    return os.path.abspath(os.path.join(root, "tune_runs", name))
+    """``<storage root>/tune_runs/<name>``: a local folder, or a URI in the bucket for an object-store root."""
+    folder = storage.join(settings.storage_root, "tune_runs", name)
+    return os.path.abspath(folder) if storage.is_local(folder) else folder
 
 
-def validate_search(settings: Settings, tune: TuneSpec, where: str = "tune spec") -> tuple[TuneSetup, TrainPlan]:
-    """Every check that needs no cluster: the space, the base spec, the pinned training set."""
+def tune_storage(folder: str) -> tuple[Any, str]:
+    """(``storage_filesystem``, path) for Tune's RunConfig and ``Tuner.restore``/``can_restore``: (None,
+    the folder) locally; for a bucket, the filesystem that pickles with the credential variable NAMES
+    (Tune saves it in ``tuner.pkl`` and sends it to every trial) and the ``bucket/key`` path inside it."""
+    if storage.is_local(folder):
+        return None, folder
+    return storage.worker_arrow_fs(folder)
+
+
+def validate_search(settings: Settings, tune: TuneSpec, where: str = "tune spec",
+                    register: bool = True) -> tuple[TuneSetup, TrainPlan]:
+    """Every check that needs no cluster: the space, the base spec, the object store (reachable, the
+    credentials accepted, the bucket there), the pinned training set, and with ``register`` an MLflow
+    store that can work with the storage root (as ``lakeray train``)."""
     from lakeray.training.api import validate
 
     setup = resolve_tune_spec(tune, where)
+    if register:
+        from lakeray.training.tracking import check_store
+
+        check_store(settings)
     return setup, validate(settings, setup.base, setup.base_where)
 
 
@@ -266,7 +286,7 @@ def search(settings: Settings, tune: TuneSpec, where: str = "tune spec", resume:
     from lakeray.training.tune_watch import LISTENERS, Listener
 
     started = time.perf_counter()
-    setup, plan = checked or validate_search(settings, tune, where)
+    setup, plan = checked or validate_search(settings, tune, where, register)
     plan = prepare(settings, setup.base, setup.base_where, plan)
     folder = check_search_folder(settings, tune.name, resume)
     _check_fits(plan, where)
@@ -279,14 +299,16 @@ def search(settings: Settings, tune: TuneSpec, where: str = "tune spec", resume:
         resources = {"CPU": GROUP_DRIVER_CPU}
     trainable = ray_tune.with_resources(trainable, resources)
     listener = Listener(setup, on_update, start_timeout_s,
-                         os.path.join(folder, TRIAL_RUNS) if plan.num_workers > 1 else None)
+                         storage.join(folder, TRIAL_RUNS) if plan.num_workers > 1 else None)
     LISTENERS[folder] = listener
     try:
         # TUNE_FORCE_TRIAL_CLEANUP_S: a stopped trial whose actor does not exit gracefully (a
         # multi-worker trial's thread is inside trainer.fit) is killed after 15 s, not Tune's 600 s.
         with _env(TUNE_GLOBAL_CHECKPOINT_S="2", RAY_AIR_NEW_OUTPUT="0", TUNE_FORCE_TRIAL_CLEANUP_S="15"):
             if resume:
-                tuner = ray_tune.Tuner.restore(folder, trainable, resume_unfinished=True, resume_errored=True)
+                filesystem, path = tune_storage(folder)
+                tuner = ray_tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True,
+                                               storage_filesystem=filesystem)
             else:
                 tuner = _new_tuner(settings, setup, plan, trainable, folder)
             fit_started = time.perf_counter()
@@ -317,11 +339,12 @@ def check_search_folder(settings: Settings, name: str, resume: bool) -> str:
     from ray.tune import Tuner
 
     folder = search_folder(settings, name)
-    exists = os.path.isdir(folder) and Tuner.can_restore(folder)
-    if resume and not exists:
-        raise ConfigError(f"no search {name!r} to resume under {os.path.dirname(folder)}",
+    there = storage.is_dir(folder)
+    filesystem, path = tune_storage(folder)
+    if resume and not (there and Tuner.can_restore(path, storage_filesystem=filesystem)):
+        raise ConfigError(f"no search {name!r} to resume under {storage.parent(folder)}",
                           "run it without --resume first (the spec's name is the search's folder)")
-    if not resume and os.path.exists(folder):
+    if not resume and there:
         raise ConfigError(f"a search named {name!r} already exists ({folder})",
                           "continue it with --resume, give the spec another name, or delete that folder")
     return folder
@@ -353,8 +376,11 @@ def _new_tuner(settings: Settings, setup: TuneSetup, plan: TrainPlan, trainable:
 
         scheduler = ASHAScheduler(time_attr="rounds", max_t=setup.max_rounds, grace_period=tune.scheduler.grace_period,
                                   reduction_factor=tune.scheduler.reduction_factor, brackets=1)
+    # On a bucket Tune's driver stages its files locally (Ray's session folder) and uploads them to the
+    # search folder; trials upload their checkpoints there themselves, through the same filesystem.
+    filesystem, path = tune_storage(folder)
     run_config = RunConfig(
-        name=tune.name, storage_path=os.path.dirname(folder), verbose=0, callbacks=[Watch(folder)],
+        name=tune.name, storage_path=posixpath.dirname(path), storage_filesystem=filesystem, verbose=0, callbacks=[Watch(folder)],
         stop=StartStopper(folder), failure_config=FailureConfig(max_failures=plan.spec.max_failures),
         checkpoint_config=CheckpointConfig(num_to_keep=2))
     tune_config = TuneConfig(metric=setup.metric_key, mode=setup.mode, search_alg=searcher, scheduler=scheduler,

@@ -2,7 +2,8 @@
 
 A base train spec with ``scaling.num_workers > 1`` makes every trial the driver of a Ray Train run
 (:func:`~lakeray.training.runtime.launch`: ``XGBoostTrainer`` / ``TorchTrainer``) named after the
-trial, in ``<search folder>/trial_runs/<trial id>``. Its workers report through
+trial, in ``<search folder>/trial_runs/<trial id>`` (in the bucket for an object-store root: every
+access through :mod:`lakeray.storage`). Its workers report through
 :class:`_GroupTrialContext`: one ``ray.train.report`` of every rank per reported round, handed to the
 trial by Ray's ``TuneReportCallback``, so ASHA stops a multi-worker trial as it stops a one-worker one.
 
@@ -18,10 +19,10 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from lakeray import storage
 from lakeray.training.runtime import RunFolder, _RayTrainContext
 
 if TYPE_CHECKING:
@@ -76,10 +77,7 @@ def _recorder(run: RunFolder) -> Any:
 
             group = worker_group.get_worker_group_state().placement_group_handle.placement_group
             body = {"controller": ray.get_runtime_context().get_actor_id(), "placement_group": group.id.hex()}
-            tmp = os.path.join(run.path, GROUP_FILE + ".tmp")
-            with open(tmp, "w", encoding="utf-8") as fh:
-                json.dump(body, fh)
-            os.replace(tmp, os.path.join(run.path, GROUP_FILE))
+            storage.write_text_atomic(storage.join(run.path, GROUP_FILE), json.dumps(body))
 
     return _GroupRecorder()
 
@@ -99,8 +97,8 @@ def run_group_trial(settings: Settings, plan: TrainPlan, setup: TuneSetup, folde
     from lakeray.training.runtime import launch
 
     kind = model_kind(plan.spec.model.kind)
-    run = RunFolder(os.path.join(folder, TRIAL_RUNS), tune.get_context().get_trial_id())
-    os.makedirs(run.path, exist_ok=True)
+    run = RunFolder(storage.join(folder, TRIAL_RUNS), tune.get_context().get_trial_id())
+    storage.makedirs(run.path)
     context = functools.partial(_GroupTrialContext, metric_key=setup.metric_key, keep_every=setup.checkpoint_every)
     launch(settings, plan, kind.fit, run, plan.use_gpu, kind.ray_trainer, start_timeout_s=math.inf,
            context=context, callbacks=[TuneReportCallback(), _recorder(run)])
@@ -120,11 +118,11 @@ def release_group(runs_root: str, trial_id: str) -> bool:
     from ray._private.state import actors
     from ray.util.placement_group import PlacementGroup, remove_placement_group
 
-    path = os.path.join(RunFolder(runs_root, trial_id).path, GROUP_FILE)
-    if not os.path.isfile(path):
+    path = storage.join(RunFolder(runs_root, trial_id).path, GROUP_FILE)
+    try:
+        body = json.loads(storage.read_text(path))
+    except FileNotFoundError:
         return True
-    with open(path, encoding="utf-8") as fh:
-        body = json.load(fh)
     group = PlacementGroup(ray.PlacementGroupID(bytes.fromhex(body["placement_group"])))
     if ray.util.placement_group_table(group).get("state") in (None, "REMOVED"):
         return True

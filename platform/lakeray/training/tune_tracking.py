@@ -15,10 +15,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import posixpath
+import shutil
 import tempfile
 import time
 from typing import TYPE_CHECKING, Any
 
+from lakeray import storage
 from lakeray.errors import ClusterError, LakerayError
 
 if TYPE_CHECKING:
@@ -39,7 +42,7 @@ def _trial_rows(results: Any, setup: TuneSetup, seen: list[TrialStatus]) -> list
     rows = []
     for result in results:
         metrics = result.metrics or {}
-        trial_id = metrics.get("trial_id") or os.path.basename(result.path)
+        trial_id = metrics.get("trial_id") or posixpath.basename(result.path)
         config = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in (result.config or {}).items()}
         value = metrics.get(setup.metric_key)
         state = "ERROR" if result.error is not None else states.get(trial_id, "TERMINATED")
@@ -50,8 +53,8 @@ def _trial_rows(results: Any, setup: TuneSetup, seen: list[TrialStatus]) -> list
     return rows
 
 
-def _best(rows: list[tuple[TrialStatus, Any]], setup: TuneSetup) -> tuple[TrialStatus, Any]:
-    finished = [(t, r) for t, r in rows if t.final and t.metric is not None and trial_checkpoint(r) is not None]
+def _best(rows: list[tuple[TrialStatus, Any]], setup: TuneSetup, folder: str) -> tuple[TrialStatus, Any]:
+    finished = [(t, r) for t, r in rows if t.final and t.metric is not None and trial_checkpoint(r, folder) is not None]
     if not finished:
         errors = [r.error for _, r in rows if r.error is not None]
         cause = next((_lakeray_cause(e) for e in errors if _lakeray_cause(e) is not None), None)
@@ -59,7 +62,7 @@ def _best(rows: list[tuple[TrialStatus, Any]], setup: TuneSetup) -> tuple[TrialS
             raise cause
         if errors:
             raise ClusterError(f"{setup.where}: every trial failed; the first: {str(errors[0]).strip().splitlines()[-1][:300]}",
-                               f"the trials' tracebacks are in {os.path.dirname(rows[0][1].path)}")
+                               f"the trials' tracebacks are in the trial folders of {folder}")
         budget = setup.tune.time_budget_s
         raise ClusterError(f"{setup.where}: no trial finished its rounds"
                            + (f" within time_budget_s {budget:g}" if budget else ""),
@@ -94,22 +97,27 @@ def finish(settings: Settings, setup: TuneSetup, plan: TrainPlan, folder: str, r
     from lakeray.training.tune_spec import trial_spec
 
     rows = _trial_rows(results, setup, seen)
-    best, best_result = _best(rows, setup)
+    best, best_result = _best(rows, setup, folder)
     trial_plan = dataclasses.replace(plan, spec=trial_spec(plan.spec, best_result.config, setup.report_every))
-    checkpoint_dir = trial_checkpoint(best_result)
+    # The model files on this machine: the checkpoint itself, or a downloaded copy from the bucket.
+    checkpoint_dir = storage.get_dir(trial_checkpoint(best_result, folder))
     # A multi-worker trial's model files are its Ray Train run's; a one-worker trial's, Tune's trial folder.
-    run = RunFolder(os.path.join(folder, TRIAL_RUNS), best.trial_id) if plan.num_workers > 1 else \
-        RunFolder(folder, os.path.basename(best_result.path))
-    launched = LaunchResult(run, checkpoint_dir, read_state(checkpoint_dir),
-                            "tune" if plan.num_workers == 1 else "tune-ray-train",
-                            float(best_result.metrics.get("time_total_s", 0.0)))
-    outcome = outcome_of(trial_plan, launched)
-    outcome.run_id = f"{setup.tune.name}-{best.trial_id}"
-    evaluation = evaluate(trial_plan, lambda x: _predict(outcome, x))
-    state = read_search_state(folder)
-    model, parent = None, state.get("parent_run_id")
-    if register:
-        model, parent = _log(settings, setup, folder, rows, best, outcome, evaluation, state)
+    run = RunFolder(storage.join(folder, TRIAL_RUNS), best.trial_id) if plan.num_workers > 1 else \
+        RunFolder(folder, posixpath.basename(best_result.path))
+    try:
+        launched = LaunchResult(run, checkpoint_dir, read_state(checkpoint_dir),
+                                "tune" if plan.num_workers == 1 else "tune-ray-train",
+                                float(best_result.metrics.get("time_total_s", 0.0)))
+        outcome = outcome_of(trial_plan, launched)
+        outcome.run_id = f"{setup.tune.name}-{best.trial_id}"
+        evaluation = evaluate(trial_plan, lambda x: _predict(outcome, x))
+        state = read_search_state(folder)
+        model, parent = None, state.get("parent_run_id")
+        if register:
+            model, parent = _log(settings, setup, folder, rows, best, outcome, evaluation, state)
+    finally:
+        if not storage.is_local(folder):
+            shutil.rmtree(checkpoint_dir, ignore_errors=True)
     rounds_run = sum(t.rounds for t, _ in rows)
     rounds_budget = sum(t.max_rounds for t, _ in rows)
     write_search_state(folder, {**read_search_state(folder), "best_trial": best.trial_id, "rounds_run": rounds_run,
@@ -133,6 +141,10 @@ def _log(settings: Settings, setup: TuneSetup, folder: str, rows: list[tuple[Tri
     from lakeray.training.tracking import log_training
 
     client = mlflow_client(settings)
+    if settings.profile.storage.is_object_store:
+        # The parent run's artifacts go to the bucket through boto3 even when a resumed search has
+        # registered the best before (log_training, which sets this too, is then not called).
+        storage.use_for_boto3(settings.profile.storage)
     if state.get("registered"):
         model = RegisteredModel(**state["registered"])
     else:
@@ -231,25 +243,30 @@ def _plot(path: str, setup: TuneSetup, rows: list[tuple[TrialStatus, Any]], best
     fig.savefig(path)
 
 
-def trial_checkpoint(result: Any) -> str | None:
-    """The folder of a trial's last checkpoint: Tune's own (one-worker trials), or the Ray Train
-    checkpoint a multi-worker trial reported (``checkpoint_path``, set by TuneReportCallback)."""
+def trial_checkpoint(result: Any, folder: str | None = None) -> str | None:
+    """Where a trial's last checkpoint is: Tune's own (one-worker trials), or the Ray Train checkpoint a
+    multi-worker trial reported (``checkpoint_path``, set by TuneReportCallback). A local folder, or
+    for a search in a bucket (``folder`` a URI) the checkpoint's URI: Tune's paths there are
+    ``bucket/key``, without the scheme."""
     if result.checkpoint is not None:
-        return result.checkpoint.path
-    path = (result.metrics or {}).get("checkpoint_path")
-    return path if path and os.path.isdir(path) else None
+        path = result.checkpoint.path
+    else:
+        path = (result.metrics or {}).get("checkpoint_path")
+    if not path:
+        return None
+    if folder is not None and not storage.is_local(folder):
+        path = f"{storage.scheme(folder)}://{path.lstrip('/')}"
+    if result.checkpoint is not None:
+        return path
+    return path if storage.is_dir(path) else None
 
 
 def read_search_state(folder: str) -> dict[str, Any]:
-    path = os.path.join(folder, STATE_FILE)
-    if not os.path.isfile(path):
+    try:
+        return json.loads(storage.read_text(storage.join(folder, STATE_FILE)))
+    except FileNotFoundError:
         return {}
-    with open(path, encoding="utf-8") as fh:
-        return json.load(fh)
 
 
 def write_search_state(folder: str, state: dict[str, Any]) -> None:
-    tmp = os.path.join(folder, STATE_FILE + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(state, fh, indent=2)
-    os.replace(tmp, os.path.join(folder, STATE_FILE))
+    storage.write_text_atomic(storage.join(folder, STATE_FILE), json.dumps(state, indent=2))

@@ -1,0 +1,253 @@
+"""`lakeray tune` on an object-store root: a real S3Proxy on loopback, the project's profile naming
+``s3://`` and the variables holding the credentials, the search folder in the bucket.
+
+The search is `lakeray tune` as users run it (its own process, its own local Ray), killed (SIGKILL of
+its whole process tree) once a trial has finished, and continued with ``--resume`` from what is in the
+bucket: Tune's experiment state, the trials' results and checkpoints. Nothing of the search is on the
+local disk; the best trial's model is registered with its artifacts in the bucket and loads from there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path  # local folders only: the S3Proxy data folder and the project folder
+
+import pytest
+
+from lakeray import storage
+from tests.conftest import kill_tree
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+BUCKET = "lakeray-tune"
+ROOT = f"s3://{BUCKET}/lakehouse"
+KEY_VAR, SECRET_VAR = "LR_TUNE_S3_KEY", "LR_TUNE_S3_SECRET"
+LAKERAY = os.path.join(os.path.dirname(sys.executable), "lakeray")
+SEARCH = "bucket_search"
+TRIALS, ROUNDS = 3, 400
+
+
+@pytest.fixture(scope="module")
+def s3proxy(tmp_path_factory):
+    from lakeray.cluster.object_store import start_s3proxy
+
+    server = start_s3proxy(str(tmp_path_factory.mktemp("s3proxy-tune")), buckets=(BUCKET,))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def project(s3proxy, tmp_path_factory):
+    """A project folder whose profiles keep everything in the bucket (the registry: local SQLite);
+    ``no_tracking`` leaves mlflow.tracking_uri empty."""
+    from lakeray.config import StorageConfig
+
+    folder = tmp_path_factory.mktemp("bucket_tune_project")
+    store = StorageConfig(root=ROOT, endpoint_url=s3proxy.endpoint, access_key_env=KEY_VAR, secret_key_env=SECRET_VAR,
+                          path_style=True, allow_http=True, timeout_s=10)
+    (folder / "lakeray.yaml").write_text(textwrap.dedent(f"""\
+        default_profile: bucket
+        profiles:
+          bucket:
+            ray: {{op_timeout_s: 300}}
+            storage: {json.dumps(store.model_dump(exclude_none=True))}
+            mlflow: {{tracking_uri: "sqlite:///{folder}/mlflow.db", experiment: bucket_tune, model_name: bucket_tuned}}
+          no_tracking:
+            storage: {json.dumps(store.model_dump(exclude_none=True))}
+        """))
+    # One trial at a time, each long enough (400 rounds, depth 8) that the kill lands between trials.
+    (folder / "tune.yaml").write_text(textwrap.dedent(f"""\
+        name: {SEARCH}
+        train:
+          name: bucket_tuned
+          model: {{kind: xgboost, rounds: {ROUNDS}, params: {{max_depth: 8, eta: 0.05}}}}
+          training_set: tune_set
+          label: label
+          features: {{all_except: []}}
+          split: {{kind: hash, column: row_id}}
+          scaling: {{num_workers: 1, cpus_per_worker: 1, use_gpu: false}}
+          registry: {{alias: challenger}}
+        space: {{eta: {{loguniform: [0.01, 0.3]}}}}
+        scheduler: {{kind: none}}
+        num_samples: {TRIALS}
+        max_concurrent: 1
+        report_every: 50
+        checkpoint_every: 100
+        """))
+    secrets = {KEY_VAR: s3proxy.access_key, SECRET_VAR: s3proxy.secret_key}
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in secrets.items():
+            mp.setenv(name, value)
+        _write_training_set(storage.join(ROOT, "tables", "tune_set"), store)
+    return folder, store, secrets
+
+
+def _write_training_set(uri: str, store) -> None:
+    """12k rows, 8 normal features, a learnable label (tests/conftest.write_learnable's), via delta-rs."""
+    import numpy as np
+    import pandas as pd
+    from deltalake import write_deltalake
+
+    rng = np.random.default_rng(11)
+    x = rng.normal(size=(12_000, 8))
+    frame = pd.DataFrame(x, columns=[f"f{i}" for i in range(8)])
+    frame["row_id"] = np.arange(len(frame), dtype=np.int64)
+    logit = 1.5 * x[:, 0] - x[:, 1] + 0.8 * x[:, 2] * x[:, 3]
+    frame["label"] = (rng.random(len(frame)) < 1 / (1 + np.exp(-logit))).astype(np.int64)
+    write_deltalake(uri, frame, mode="append", storage_options=storage.delta_options(uri, store))
+
+
+def _cli_env(project_dir: Path, secrets: dict[str, str]) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LAKERAY_", "AWS_", "MLFLOW_"))}
+    return {**env, **secrets, "LAKERAY_CONFIG": str(project_dir / "lakeray.yaml")}
+
+
+def _objects(store, prefix: str) -> list:
+    import pyarrow.fs as pa_fs
+
+    filesystem = storage.to_arrow_fs(ROOT, store)[0]
+    return filesystem.get_file_info(pa_fs.FileSelector(f"{BUCKET}/lakehouse/{prefix}", recursive=True,
+                                                       allow_not_found=True))
+
+
+def _finished_trials(store) -> dict[str, int]:
+    """Trial folder → number of results in its result.json (in the bucket), for trials that finished."""
+    folder = storage.join(ROOT, "tune_runs", SEARCH)
+    done = {}
+    for name in storage.list_dir(folder):
+        try:
+            text = storage.read_text(storage.join(folder, name, "result.json"))
+        except (FileNotFoundError, IsADirectoryError):
+            continue
+        lines = [json.loads(x) for x in text.splitlines() if x.strip()]
+        if lines and lines[-1].get("final"):
+            done[name] = len(lines)
+    return done
+
+
+def test_a_search_in_the_bucket_is_killed_resumed_from_the_bucket_and_registers_the_best(project, monkeypatch):
+    folder, store, secrets = project
+    for name, value in secrets.items():
+        monkeypatch.setenv(name, value)
+    env = _cli_env(folder, secrets)
+    storage.configure(store)  # this process reads the bucket with the same settings
+    try:
+        driver = subprocess.Popen([LAKERAY, "tune", "tune.yaml", "--json"], cwd=folder, env=env,
+                                  start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 240
+            while time.monotonic() < deadline and driver.poll() is None and not _finished_trials(store):
+                time.sleep(0.5)
+            assert driver.poll() is None, driver.stdout.read().decode()[-3000:]
+            time.sleep(2.5)  # Tune uploads the experiment's state every 2 s: the finished trial is in it
+            before = _finished_trials(store)
+            assert 1 <= len(before) < TRIALS, "the search finished before its driver was killed"
+            kill_tree(driver.pid)
+            driver.wait(30)
+        finally:
+            if driver.poll() is None:
+                os.killpg(driver.pid, signal.SIGKILL)
+
+        # The search so far is only in the bucket: Tune's state and the first trial's checkpoints.
+        assert not list(folder.rglob("tune_runs"))
+        keys = [i.path for i in _objects(store, f"tune_runs/{SEARCH}")]
+        assert any(k.endswith(f"{SEARCH}/tuner.pkl") for k in keys)
+        assert any("/checkpoint_" in k and k.endswith("/model.ubj") for k in keys)
+
+        time.sleep(2)
+        resumed = subprocess.run([LAKERAY, "tune", "tune.yaml", "--resume", "--json"], cwd=folder, env=env,
+                                 capture_output=True, text=True, timeout=400)
+        assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+        summary = json.loads(resumed.stdout[resumed.stdout.index("{"):])
+        assert summary["resumed"] and len(summary["trials"]) == TRIALS
+        assert summary["folder"] == f"{ROOT}/tune_runs/{SEARCH}"
+        assert all(t["final"] and t["rounds"] == ROUNDS for t in summary["trials"])
+        assert summary["metrics"]["auc"] > 0.75
+        # A finished trial was not trained again: after the results it had before the kill come, at most,
+        # re-reports of its final checkpoint (a trial that finished after Tune's last state upload).
+        for trial, count in before.items():
+            text = storage.read_text(storage.join(ROOT, "tune_runs", SEARCH, trial, "result.json"))
+            lines = [json.loads(x) for x in text.splitlines() if x.strip()]
+            assert all(line["final"] and line["rounds"] == ROUNDS for line in lines[count - 1:]), trial
+
+        # Every trial's final checkpoint and lakeray's search record are objects; nothing local.
+        infos = _objects(store, f"tune_runs/{SEARCH}")
+        finals = [i.path for i in infos if i.path.endswith("/lakeray_state.json")]
+        assert len({p.split("/")[-3] for p in finals}) == TRIALS
+        assert any(i.path.endswith(f"{SEARCH}/lakeray_search.json") for i in infos)
+        assert not list(folder.rglob("tune_runs"))
+        state = json.loads(storage.read_text(storage.join(ROOT, "tune_runs", SEARCH, "lakeray_search.json")))
+        assert summary["model"] == f"models:/bucket_tuned/{state['registered']['version']}"
+    finally:
+        storage.configure(None)
+
+    # MLflow: the registry in local SQLite, the best model's artifacts (and the parent run's) in the bucket.
+    import mlflow
+
+    db = f"sqlite:///{folder}/mlflow.db"
+    client = mlflow.MlflowClient(tracking_uri=db, registry_uri=db)
+    version = client.get_model_version_by_alias("bucket_tuned", "challenger")
+    assert summary["model"].endswith(f"/{version.version}")
+    assert client.get_run(version.run_id).info.artifact_uri.startswith(f"{ROOT}/mlartifacts/")
+    assert client.get_run(summary["parent_run_id"]).info.artifact_uri.startswith(f"{ROOT}/mlartifacts/")
+    artifacts = _objects(store, "mlartifacts")
+    assert any(i.base_name == "MLmodel" for i in artifacts)
+    assert any(i.path.endswith("plots/trials.png") for i in artifacts)
+
+    # Loadable with only what a worker gets (the runtime env's variables, secrets by reference).
+    from lakeray.serving.model import load_served_model
+
+    for name, value in storage.worker_env(ROOT, store).items():
+        monkeypatch.setenv(name, os.path.expandvars(value))
+    served = load_served_model(db, f"models:/bucket_tuned/{version.version}")
+    rows = [{**dict.fromkeys(served.features, 0.0), "f0": f0, "f1": -f0} for f0 in (2.0, -2.0)]
+    scores = served.predict(served.matrix(rows))
+    assert scores[0] > 0.5 > scores[1]
+
+
+def test_wrong_credentials_fail_before_any_trial(project):
+    folder, store, secrets = project
+    started = time.perf_counter()
+    proc = subprocess.run([LAKERAY, "tune", "tune.yaml", "--json"], cwd=folder,
+                          env=_cli_env(folder, {**secrets, SECRET_VAR: "not-the-secret"}), capture_output=True,
+                          text=True, timeout=120)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "rejected the credentials" in out
+    assert f"storage.secret_key_env ({SECRET_VAR})" in out
+    assert "Traceback" not in proc.stderr and "not-the-secret" not in out
+    assert time.perf_counter() - started < 60
+
+
+def test_search_folder_checks_in_the_bucket_and_no_tracking_uri_refused(project, monkeypatch):
+    """No Ray: what the CLI checks before it starts one, against the bucket."""
+    from lakeray.config import load_settings
+    from lakeray.errors import ConfigError
+    from lakeray.training.tune import check_search_folder, load_tune_spec, search_folder, validate_search
+
+    folder, _, secrets = project
+    for name, value in secrets.items():
+        monkeypatch.setenv(name, value)
+    try:
+        settings = load_settings(folder / "lakeray.yaml")
+        assert search_folder(settings, "fresh") == f"{ROOT}/tune_runs/fresh"
+        assert check_search_folder(settings, "fresh", resume=False) == f"{ROOT}/tune_runs/fresh"
+        with pytest.raises(ConfigError, match="no search 'fresh' to resume"):
+            check_search_folder(settings, "fresh", resume=True)
+        storage.write_text_atomic(storage.join(ROOT, "tune_runs", "taken", "lakeray_search.json"), "{}")
+        with pytest.raises(ConfigError, match="already exists"):
+            check_search_folder(settings, "taken", resume=False)
+
+        spec = load_tune_spec(str(folder / "tune.yaml"))
+        no_tracking = load_settings(folder / "lakeray.yaml", "no_tracking")
+        with pytest.raises(ConfigError, match="mlflow.tracking_uri is empty"):
+            validate_search(no_tracking, spec, "tune.yaml")
+        setup, plan = validate_search(no_tracking, spec, "tune.yaml", register=False)  # --no-register: fine
+        assert setup.tune.name == SEARCH and plan.num_workers == 1
+    finally:
+        storage.configure(None)
