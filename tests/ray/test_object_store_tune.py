@@ -218,7 +218,7 @@ def test_wrong_credentials_fail_before_any_trial(project):
                           env=_cli_env(folder, {**secrets, SECRET_VAR: "not-the-secret"}), capture_output=True,
                           text=True, timeout=120)
     out = proc.stdout + proc.stderr
-    assert proc.returncode != 0 and "rejected the credentials" in out
+    assert proc.returncode == 2 and "rejected the credentials" in out
     assert f"storage.secret_key_env ({SECRET_VAR})" in out
     assert "Traceback" not in proc.stderr and "not-the-secret" not in out
     assert time.perf_counter() - started < 60
