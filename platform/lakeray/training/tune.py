@@ -221,11 +221,11 @@ def validate_search(settings: Settings, tune: TuneSpec, where: str = "tune spec"
     store that can work with the storage root (as ``lakeray train``)."""
     from lakeray.training.api import validate
 
-    setup = resolve_tune_spec(tune, where)
-    if register:
+    if register:  # a profile setting: instant, so before the spec's trial runs of XGBoost
         from lakeray.training.tracking import check_store
 
         check_store(settings)
+    setup = resolve_tune_spec(tune, where)
     return setup, validate(settings, setup.base, setup.base_where)
 
 
