@@ -9,7 +9,6 @@ import subprocess
 import sys
 import textwrap
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -283,59 +282,3 @@ def test_a_retried_interval_is_not_committed_twice_and_runs_list_merges_the_ledg
     assert [json.loads(line)["run_id"] for line in listed.stdout.splitlines()][:2] == [retry.run_id, first.run_id]
     unknown = subprocess.run([*cli, "show", "no-such-run"], env=env, capture_output=True, text=True, timeout=120)
     assert unknown.returncode == 2 and "no run with id 'no-such-run'" in unknown.stderr
-
-
-def _get(url: str, body: dict | None = None) -> dict | int:
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=10) as response:
-        return json.loads(response.read()) if body is not None else response.status
-
-
-def test_scheduler_start_status_stop(tmp_path):
-    # Far-apart schedules, so the daemon has nothing to launch while the test looks at it.
-    config = write_project(tmp_path, JOBS.replace('"*/5 * * * *"', '"0 0 1 1 *"').replace('"0 2 * * *"', '"0 0 1 1 *"'))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LAKERAY_")}
-
-    def lakeray(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-c", "from lakeray.cli.main import main; main()", *args],
-                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
-
-    # A run a crashed scheduler left "in progress" in the project's storage.
-    import dagster as dg
-    from dagster._core.test_utils import create_run_for_test
-
-    home = tmp_path / "lakehouse" / "_dagster"
-    home.mkdir(parents=True)
-    with dg.DagsterInstance.from_config(str(home)) as instance:
-        orphan = create_run_for_test(instance, job_name="sc_clean_schedule_job", status=dg.DagsterRunStatus.STARTED,
-                                     tags={"lakeray/schedule": "sc_clean_schedule"}).run_id
-    started = lakeray("scheduler", "start")
-    with dg.DagsterInstance.from_config(str(home)) as instance:  # failed, so run retries can re-execute it
-        assert instance.get_run_by_id(orphan).status == dg.DagsterRunStatus.FAILURE
-    try:
-        assert started.returncode == 0, started.stderr
-        info = json.loads(lakeray("scheduler", "status", "--json").stdout)
-        assert info["running"] and info["ui_answers"] and info["url"].startswith("http://127.0.0.1:")
-        assert info["dagster_home"] == str(tmp_path / "lakehouse" / "_dagster")
-        assert _get(info["url"] + "/server_info") == 200
-        query = "{ assetNodes { assetKey { path } dependencyKeys { path } } }"
-        nodes = _get(info["url"] + "/graphql", {"query": query})["data"]["assetNodes"]
-        graph = {n["assetKey"]["path"][0]: sorted(d["path"][0] for d in n["dependencyKeys"]) for n in nodes}
-        assert graph == {"sc_events": [], "sc_clean": ["sc_events"], "sc_totals": ["sc_clean"],
-                         "sc_daily": ["sc_events"], "sc_flaky": ["sc_events"], "sc_broken": ["sc_events"]}
-        # The daemon is up: its scheduler heartbeats into the project's SQLite storage.
-        health = "{ instance { daemonHealth { daemonStatus(daemonType: \"SCHEDULER\") { healthy } } } }"
-        deadline = time.monotonic() + 90
-        while not _get(info["url"] + "/graphql", {"query": health})["data"]["instance"]["daemonHealth"][
-                "daemonStatus"]["healthy"]:
-            assert time.monotonic() < deadline, "the daemon's scheduler never reported healthy"
-            time.sleep(2)
-        again = lakeray("scheduler", "start")
-        assert again.returncode == 1 and "already runs for this project" in again.stderr
-    finally:
-        stopped = lakeray("scheduler", "stop")
-    assert stopped.returncode == 0 and f"{info['daemon_pid']}" in stopped.stdout
-    for pid in (info["daemon_pid"], info["webserver_pid"]):
-        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split(")")[1][:3]
-    assert lakeray("scheduler", "status").returncode == 1

@@ -146,6 +146,7 @@ def _feature_asset(task: Task) -> dg.AssetsDefinition:
     def _materialise(context):  # no annotations: Dagster inspects them, and these are strings here
         from lakeray.features.runner import run_feature_job
 
+        _refuse_timed_out_reexecution(context)
         runtime: Runtime = context.resources.lakeray
         start = end = None
         interval = context.run.tags.get(INTERVAL_TAG)
@@ -185,6 +186,26 @@ def _feature_asset(task: Task) -> dg.AssetsDefinition:
     return _materialise
 
 
+def _refuse_timed_out_reexecution(context: Any) -> None:
+    """Fail, without retries, a run that re-executes one cancelled for its timeout.
+
+    Scheduled runs carry ``dagster/max_retries`` so that a run whose worker died is re-executed, and
+    Dagster's run retries cannot tell that crash from run monitoring's ``dagster/max_runtime`` cancel
+    (both are run failures without a step failure). Re-running a run that exceeded its limit would
+    only exceed it again, up to CRASH_RETRIES more times; a step failure here ends the chain, and the
+    failure alert then goes out with this message.
+    """
+    parent = context.run.tags.get("dagster/parent_run_id")
+    if parent is None:
+        return
+    failures = context.instance.all_logs(parent, of_type=dg.DagsterEventType.RUN_FAILURE)
+    reason = next((e.dagster_event.message for e in failures
+                   if (e.dagster_event.message or "").startswith("Exceeded maximum runtime")), None)
+    if reason is not None:
+        raise dg.Failure(f"not re-executed: run {parent} was cancelled by its timeout ({reason})",
+                         allow_retries=False)
+
+
 def _committed_by_same_code(runtime: Runtime, name: str, start: str, end: str) -> dict[str, Any] | None:
     from lakeray.features.backfill import committed_by_same_code
     from lakeray.features.runner import find_job
@@ -222,6 +243,8 @@ def _spec_asset(task: Task) -> dg.AssetsDefinition:
     def _run_spec(context):
         from lakeray.scheduler.spec_runs import run_spec
 
+        _refuse_timed_out_reexecution(context)
+
         done = run_spec(context.resources.lakeray.settings, task,
                         f"lakeray-{task.name}-{context.run_id[:8]}-{context.retry_number}", context.log.info)
         metadata = {"spec": task.target, "route": done.route, "output": dg.MetadataValue.text(done.output)}
@@ -236,8 +259,12 @@ def _spec_asset(task: Task) -> dg.AssetsDefinition:
 
 def _schedule_def(plan: Plan, schedule: Schedule) -> dg.ScheduleDefinition:
     tasks = [plan.tasks[name] for name in schedule.tasks]
+    timeout = plan.run_timeout(schedule)
+    # The limit is on the job as well as on each run request: a run launched from the UI's launchpad
+    # (or GraphQL's launchRun) of this job gets it too, not only the scheduled ones.
     job = dg.define_asset_job(f"{schedule.name}_job", selection=dg.AssetSelection.assets(*schedule.tasks),
-                              partitions_def=_partitions(tasks[0]) if schedule.partitioned else None)
+                              partitions_def=_partitions(tasks[0]) if schedule.partitioned else None,
+                              tags=None if timeout is None else {"dagster/max_runtime": str(int(timeout))})
 
     @dg.schedule(name=schedule.name, cron_schedule=schedule.cron, execution_timezone=schedule.timezone, job=job,
                  default_status=dg.DefaultScheduleStatus.RUNNING,
