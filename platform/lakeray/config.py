@@ -36,6 +36,7 @@ __all__ = [
     "TrainConfig",
     "ServeConfig",
     "TrainingSetsConfig",
+    "SchedulerPostgresConfig",
     "SchedulerConfig",
     "Profile",
     "ProjectConfig",
@@ -209,23 +210,36 @@ class TrainingSetsConfig(_Model):
         "build whose inputs would not fit the limit (estimated at 4x their Delta file size) is refused up front.")
 
 
+class SchedulerPostgresConfig(_Model):
+    host: str | None = Field(
+        None, description="Postgres host of Dagster's run, event-log and schedule storage; empty: SQLite files in "
+        "the scheduler's home.")
+    port: int = Field(5432, ge=1, le=65535, description="Postgres port.")
+    database: str = Field("dagster", min_length=1, description="Database (created beforehand; Dagster creates its "
+                          "tables in it).")
+    user: str = Field("dagster", min_length=1, description="Postgres user.")
+    password_env: str | None = Field(
+        None, description="Name of the environment variable holding the user's password (never the password); "
+        "empty: no password (trust, or libpq's PGPASSWORD / ~/.pgpass).")
+    params: dict[str, str] = Field(
+        default_factory=dict, description="Extra libpq connection parameters, e.g. {sslmode: require}.")
+
+    @field_validator("password_env")
+    @classmethod
+    def _variable_name(cls, value: str | None) -> str | None:
+        if value and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", value):
+            raise ValueError("must be the NAME of an environment variable (the password stays out of the file)")
+        return value
+
+
 class SchedulerConfig(_Model):
     home: str | None = Field(
         None, description="Local folder for the scheduler's DAGSTER_HOME (dagster.yaml, workspace.yaml, state.json, "
         "the daemon's and webserver's logs, compute logs), relative to the project; empty: <storage.root>/_dagster, "
         "which needs a local storage.root.")
-    postgres_url_env: str | None = Field(
-        None, description="Name of the environment variable holding the Postgres URL "
-        "(postgresql://user:password@host:5432/db) of the Dagster run, event-log and schedule storage, never the URL "
-        "itself; empty: SQLite files in the scheduler's home.")
-
-    @field_validator("postgres_url_env")
-    @classmethod
-    def _variable_name(cls, value: str | None) -> str | None:
-        if value and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", value):
-            raise ValueError("must be the NAME of an environment variable (the URL and its password stay out of "
-                             "the file)")
-        return value
+    postgres: SchedulerPostgresConfig = Field(
+        default_factory=SchedulerPostgresConfig, description="Dagster's storage in Postgres (set host); "
+        "default: SQLite in the scheduler's home.")
 
     @field_validator("home")
     @classmethod

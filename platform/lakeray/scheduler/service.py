@@ -3,7 +3,7 @@
 Both run in the background in their own process groups, with ``DAGSTER_HOME`` at
 ``<storage root>/_dagster`` or the profile's ``scheduler.home`` (the generated ``dagster.yaml`` and
 ``workspace.yaml``; the two processes' output in ``lakeray_logs/``; SQLite run, event and schedule storage,
-or none there when ``scheduler.postgres_url_env`` names a Postgres URL) and the UI bound to 127.0.0.1.
+or none there when ``scheduler.postgres`` names a Postgres server) and the UI bound to 127.0.0.1.
 ``state.json`` there records their pids; ``stop`` signals exactly those groups (a daemon's code server
 and run workers are in its group), never another Dagster on the machine. ``start`` validates the plan
 and the definitions first: a bad declaration fails before anything is started.
@@ -83,67 +83,74 @@ def dagster_home(settings: Settings) -> Path:
     if "://" in root:
         raise ConfigError(f"storage.root {root} is an object store; the scheduler keeps its pids, logs and "
                           "config files in a local folder", "set scheduler.home to a local folder (with "
-                          "scheduler.postgres_url_env for the run storage on a cluster), or use a local storage.root")
+                          "scheduler.postgres for the run storage on a cluster), or use a local storage.root")
     return Path(root, "_dagster").resolve()
 
 
-def _postgres_url(settings: Settings) -> tuple[str, str] | None:
-    """(variable name, URL) of the configured Postgres storage; None for SQLite."""
-    name = settings.profile.scheduler.postgres_url_env
+# SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3; dagster-postgres installs psycopg2.
+_PG_SCHEME = "postgresql+psycopg2"
+
+
+def _postgres_password(settings: Settings) -> str:
+    """The password from ``scheduler.postgres.password_env`` ("" when none is named)."""
+    name = settings.profile.scheduler.postgres.password_env
     if not name:
-        return None
-    url = os.environ.get(name, "")
-    fix = (f"export {name}=postgresql://USER:PASSWORD@HOST:5432/DB (the scheduler's database), or unset "
-           "scheduler.postgres_url_env for SQLite storage")
-    if not url:
-        raise ConfigError(f"scheduler.postgres_url_env names {name}, which is not set", fix)
-    if not url.startswith("postgresql://"):  # SQLAlchemy (Dagster) does not load a postgres:// URL
-        raise ConfigError(f"{name} (scheduler.postgres_url_env) is not a postgresql:// URL", fix)
-    return name, url
-
-
-def _where(url: str) -> str:
-    """``user@host:port/db`` of a Postgres URL: the password never goes into a message."""
-    from urllib.parse import urlsplit
-
-    try:
-        parts = urlsplit(url)
-        return f"{parts.username or ''}@{parts.hostname or 'localhost'}:{parts.port or 5432}{parts.path or '/'}"
-    except ValueError:
-        return "an unparsable URL"
+        return ""
+    password = os.environ.get(name, "")
+    if not password:
+        raise ConfigError(f"scheduler.postgres.password_env names {name}, which is not set",
+                          f"export {name}=<the password of the scheduler's Postgres user>, or unset "
+                          "scheduler.postgres.password_env (trust, PGPASSWORD or ~/.pgpass)")
+    return password
 
 
 def check_storage(settings: Settings, timeout_s: int = 10) -> bool:
-    """Connect once to the configured Postgres, so a missing variable, a wrong password or an unreachable
-    server fails here with the setting named, not in a daemon's log; True when Postgres is configured."""
-    found = _postgres_url(settings)
-    if found is None:
+    """Connect once to the configured Postgres, so a missing variable, a wrong password, a missing database
+    or an unreachable server fails here with the setting named, not in a daemon's log; True when Postgres
+    is configured. The password never goes into a message."""
+    pg = settings.profile.scheduler.postgres
+    if not pg.host:
         return False
-    name, url = found
+    password = _postgres_password(settings)
     import psycopg2
 
+    where = f"{pg.user}@{pg.host}:{pg.port}/{pg.database}"
     try:
-        psycopg2.connect(url, connect_timeout=max(2, timeout_s)).close()
+        psycopg2.connect(host=pg.host, port=pg.port, dbname=pg.database, user=pg.user, password=password or None,
+                         connect_timeout=max(2, timeout_s), **pg.params).close()
     except psycopg2.Error as exc:
-        reason = " ".join(str(exc).split())  # libpq's message: several lines, never the password
-        where = _where(url)
+        headline = f"the scheduler's Postgres {where} (scheduler.postgres): {' '.join(str(exc).split())}"
+        reason = str(exc)
+        # The server answered: a setting is wrong (a config error, as storage's rejected keys are).
         if "password" in reason or "authentication" in reason:
-            fix = f"correct the user and password in {name}"
-        elif "does not exist" in reason:
-            fix = f"create the database (createdb) or name an existing one in {name}"
-        else:
-            fix = f"start Postgres at {where.split('@', 1)[1].split('/')[0]} or correct the host and port in {name}"
-        raise ConfigError(f"the scheduler's Postgres {where} ({name}, scheduler.postgres_url_env) refused the "
-                          f"connection: {reason}", fix) from None
+            raise ConfigError(headline, "correct scheduler.postgres.user or the password in "
+                              f"{pg.password_env or 'scheduler.postgres.password_env'}") from None
+        if "does not exist" in reason:
+            raise ConfigError(headline, f"create the database (createdb -h {pg.host} -p {pg.port} {pg.database}) "
+                              "or name an existing one in scheduler.postgres.database") from None
+        if "invalid" in reason:  # a bad libpq parameter
+            raise ConfigError(headline, "correct scheduler.postgres.params (libpq connection parameters)") from None
+        # No server answered: like a Ray head that cannot be reached.
+        raise ClusterError(headline, f"start Postgres at {pg.host}:{pg.port}, or correct scheduler.postgres.host "
+                           "and port") from None
     return True
 
 
 def instance_yaml(settings: Settings) -> str:
     """The generated ``dagster.yaml``: the settings above, plus Dagster's Postgres storage when configured
-    (an ``env:`` reference: the URL and its password never reach the file)."""
-    name = settings.profile.scheduler.postgres_url_env
-    storage = f"storage:\n  postgres:\n    postgres_url:\n      env: {name}\n" if name else ""
-    return _INSTANCE_YAML + storage
+    (the password as an ``env:`` reference: it never reaches the file)."""
+    pg = settings.profile.scheduler.postgres
+    if not pg.host:
+        return _INSTANCE_YAML
+    import yaml
+
+    db: dict[str, object] = {"username": pg.user, "hostname": pg.host, "port": pg.port, "db_name": pg.database,
+                             "scheme": _PG_SCHEME}
+    if pg.password_env:
+        db["password"] = {"env": pg.password_env}
+    if pg.params:
+        db["params"] = dict(pg.params)
+    return _INSTANCE_YAML + yaml.safe_dump({"storage": {"postgres": {"postgres_db": db}}}, sort_keys=False)
 
 
 def open_instance(settings: Settings, existing_only: bool = False):
