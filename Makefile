@@ -55,6 +55,7 @@ bench: setup bench-tools
 	$(PY) bench/serve_batching.py
 	$(PY) bench/serve_autoscale.py
 	$(PY) bench/jobs_submit.py
+	$(PY) bench/scheduler_overhead.py
 
 # wrk (Debian's package) drives the serve_* benchmarks' HTTP load from a C process. Installed only when
 # missing and apt-get is there (as root, else through sudo); without it bench/loadgen.py falls back to
