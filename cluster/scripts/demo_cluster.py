@@ -35,35 +35,11 @@ HEAD_IP, WORKER_IP = "10.78.0.1", "10.78.0.2"  # also in lakeray.yaml's cluster-
 S3_PORT, BUCKET = 9000, "lakeray-demo"
 PROFILE = "cluster-local"
 TAG = f"lrdc{os.getpid() % 100000}"
-HEAD_NS, WORKER_NS = f"{TAG}h", f"{TAG}w"
+HEAD_NS, WORKER_NS = f"{TAG}h", f"{TAG}w"  # lakeray.cluster.netns.make_pair's names for TAG
 
 
 def _say(text: str) -> None:
     print(f"[demo-cluster] {text}", file=sys.stderr, flush=True)
-
-
-def _sh(*cmd: str) -> None:
-    subprocess.run(cmd, check=True, capture_output=True, timeout=30)
-
-
-def _net_of(ns: str) -> str:
-    return subprocess.run(["ip", "netns", "exec", ns, "readlink", "/proc/self/ns/net"], capture_output=True,
-                          text=True, timeout=30, check=True).stdout.strip()
-
-
-def _pids_in(net: str) -> list[int]:
-    """Live processes in a network namespace: everything there is this demo's."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                if os.readlink(f"/proc/{entry}/ns/net") == net:
-                    with open(f"/proc/{entry}/stat", encoding="utf-8") as fh:
-                        if fh.read().rsplit(")", 1)[1].split()[0] != "Z":
-                            found.append(int(entry))
-            except OSError:
-                continue
-    return found
 
 
 def _alive(pid: int) -> bool:
@@ -75,8 +51,7 @@ def _alive(pid: int) -> bool:
 class Demo:
     def __init__(self, work: str, rows: int, keep_work: bool) -> None:
         self.work, self.rows, self.keep_work = work, rows, keep_work
-        self.nets: list[str] = []
-        self.made_ns: list[str] = []
+        self.hosts_made = None  # lakeray.cluster.netns.HostPair once the namespaces exist
         self.s3_pid: int | None = None
         key, secret = "lakeray-" + secrets.token_hex(4), secrets.token_hex(16)
         token = os.path.join(work, "ray_token")
@@ -108,16 +83,9 @@ class Demo:
         return done
 
     def hosts(self) -> None:
-        for ns in (HEAD_NS, WORKER_NS):
-            _sh("ip", "netns", "add", ns)
-            self.made_ns.append(ns)
-        _sh("ip", "link", "add", f"{TAG}h0", "type", "veth", "peer", "name", f"{TAG}w0")
-        for ns, link, ip in ((HEAD_NS, f"{TAG}h0", HEAD_IP), (WORKER_NS, f"{TAG}w0", WORKER_IP)):
-            _sh("ip", "link", "set", link, "netns", ns)
-            _sh("ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", link)
-            _sh("ip", "-n", ns, "link", "set", link, "up")
-            _sh("ip", "-n", ns, "link", "set", "lo", "up")
-            self.nets.append(_net_of(ns))
+        from lakeray.cluster.netns import make_pair
+
+        self.hosts_made = make_pair(TAG, HEAD_IP, WORKER_IP)
 
     def bucket(self) -> None:
         code = (f"import json; from lakeray.cluster.object_store import start_s3proxy; "
@@ -206,36 +174,26 @@ print(json.dumps(out))
     # -- teardown -------------------------------------------------------------------------------------
     def teardown(self) -> list[str]:
         """Stop everything; returns what was still running after it (must be empty)."""
+        pair = self.hosts_made
+        if pair is None:
+            return []
         for ns in (WORKER_NS, HEAD_NS):
-            if ns in self.made_ns:
-                try:
-                    subprocess.run(["ip", "netns", "exec", ns, LAKERAY, "cluster", "down"], env=self.cluster_env,
-                                   capture_output=True, timeout=180)
-                except (subprocess.TimeoutExpired, OSError):
-                    pass
+            try:
+                subprocess.run(["ip", "netns", "exec", ns, LAKERAY, "cluster", "down"], env=self.cluster_env,
+                               capture_output=True, timeout=180)
+            except (subprocess.TimeoutExpired, OSError):
+                pass
         if self.s3_pid:
             try:
                 os.killpg(self.s3_pid, signal.SIGTERM)
             except ProcessLookupError:
                 pass
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline and (any(_pids_in(n) for n in self.nets)
-                                               or (self.s3_pid and _alive(self.s3_pid))):
-            time.sleep(0.5)
-        for net in self.nets:  # whatever survived `down` in a namespace is this demo's (S3Proxy too)
-            for pid in _pids_in(net):
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-        deadline = time.monotonic() + 10  # SIGKILLed processes need a moment to be gone from /proc
-        while time.monotonic() < deadline and any(_pids_in(n) for n in self.nets):
-            time.sleep(0.3)
-        left = [str(p) for net in self.nets for p in _pids_in(net)]
+        # 15 s for what `down` and the SIGTERM stopped to exit; whatever is left in a host is this demo's
+        # (S3Proxy too) and is SIGKILLed.
+        left = [str(pid) for pid in pair.stop_leftovers(grace_s=15)]
         if self.s3_pid and _alive(self.s3_pid):
             left.append(f"S3Proxy {self.s3_pid}")
-        for ns in self.made_ns:
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
+        pair.remove()
         return left
 
 

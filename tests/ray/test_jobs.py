@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from lakeray.cluster.netns import wait_until
+from lakeray.cluster.processes import alive
 from tests.conftest import REPO, free_port
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -205,22 +207,10 @@ def test_official_ray_job_cli_and_lakeray_jobs_share_the_cluster(project):
     assert theirs.returncode == 0 and "hello from the job" in theirs.stdout
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", encoding="utf-8") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def _wait_for(check, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        found = check()
-        if found:
-            return found
-        time.sleep(0.5)
-    raise AssertionError(f"{what} within {timeout_s} s")
+    found = wait_until(check, timeout_s)
+    assert found, f"{what} within {timeout_s} s"
+    return found
 
 
 def test_stop_mid_write_ends_the_job_and_leaves_whole_commits(project, tmp_path):
@@ -242,7 +232,7 @@ def test_stop_mid_write_ends_the_job_and_leaves_whole_commits(project, tmp_path)
         _wait_for(lambda: (tmp_path / "driver.pids").exists() and (tmp_path / "task.pid").exists(), 60,
                   "the job wrote no pids")
         pids = [*map(int, (tmp_path / "driver.pids").read_text().split()), int((tmp_path / "task.pid").read_text())]
-        assert all(_alive(pid) for pid in pids)
+        assert all(alive(pid) for pid in pids)
         stopped = project.lakeray("jobs", "stop", "writer", "--timeout", "60")
         assert stopped.returncode == 0, stopped.stderr[-2000:]
         assert "STOPPED" in stopped.stdout
@@ -253,7 +243,7 @@ def test_stop_mid_write_ends_the_job_and_leaves_whole_commits(project, tmp_path)
     assert waiting.returncode == 143, out[-2000:]  # --wait exits with the job's status
     assert _status(project, "writer")["status"] == "STOPPED"
     # The driver, the process it started and its Ray task are gone (Ray ends a dead driver's workers).
-    _wait_for(lambda: not any(_alive(pid) for pid in pids), 30, "a process of the stopped job is still alive")
+    _wait_for(lambda: not any(alive(pid) for pid in pids), 30, "a process of the stopped job is still alive")
 
     # Every version is whole: version v holds batches 0..v with ROWS rows each (Delta commits are atomic;
     # files of a batch the stop cut short are on disk but in no commit).

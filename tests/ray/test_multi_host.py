@@ -23,6 +23,7 @@ import time
 
 import pytest
 
+from lakeray.cluster.netns import commands_of, make_pair, net_of, pids_in, sh
 from tests.conftest import REPO
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -31,45 +32,15 @@ LAKERAY = os.path.join(os.path.dirname(sys.executable), "lakeray")
 SUBNET = 70 + os.getpid() % 20  # 10.77.<n>.0/24 ... kept inside the namespaces; per run, in case one lingers
 HEAD_IP, WORKER_IP = f"10.77.{SUBNET}.1", f"10.77.{SUBNET}.2"
 TAG = f"lr{os.getpid() % 100000}"
-HEAD_NS, WORKER_NS, WORKER_LINK = f"{TAG}h", f"{TAG}w", f"{TAG}w0"
+HEAD_NS, WORKER_NS, WORKER_LINK = f"{TAG}h", f"{TAG}w", f"{TAG}w0"  # netns.make_pair's names for TAG
 # GCS declares a silent node dead after 3 missed 1 s checks (Ray's default: 5 missed 3 s checks plus
 # a 10 s timeout); read by the head's GCS, so it is set for the head's `up` only.
 FAST_HEALTH_CHECK = {"RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "1000",
                      "RAY_health_check_failure_threshold": "3"}
 
 
-def _sh(*cmd: str) -> None:
-    subprocess.run(cmd, check=True, capture_output=True, timeout=30)
-
-
-def _net_ns(ns: str) -> str:
-    return subprocess.run(["ip", "netns", "exec", ns, "readlink", "/proc/self/ns/net"], capture_output=True,
-                          text=True, timeout=30, check=True).stdout.strip()
-
-
-def _pids_in(net: str) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                if os.readlink(f"/proc/{entry}/ns/net") == net:
-                    with open(f"/proc/{entry}/stat", encoding="utf-8") as fh:
-                        if fh.read().rsplit(")", 1)[1].split()[0] != "Z":
-                            found.append(int(entry))
-            except OSError:
-                continue
-    return found
-
-
 def _described(pids: list[int]) -> list[str]:
-    described = []
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as fh:
-                described.append(f"{pid} {fh.read().replace(bytes(1), b' ').decode(errors='replace')[:200]}")
-        except OSError:
-            continue
-    return described
+    return [f"{pid} {command[:200]}" for pid, command in commands_of(pids).items()]
 
 
 def _in(ns: str, *args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -95,17 +66,8 @@ def hosts(tmp_path_factory):
     if shutil.which("ip") is None or os.geteuid() != 0:
         pytest.fail("the multi-host test makes network namespaces: it needs root and iproute2's `ip`")
     root = tmp_path_factory.mktemp("multihost") / "lakehouse"
-    nets = []
+    pair = make_pair(TAG, HEAD_IP, WORKER_IP)
     try:
-        for ns in (HEAD_NS, WORKER_NS):
-            _sh("ip", "netns", "add", ns)
-        _sh("ip", "link", "add", f"{TAG}h0", "type", "veth", "peer", "name", WORKER_LINK)
-        for ns, link, ip in ((HEAD_NS, f"{TAG}h0", HEAD_IP), (WORKER_NS, WORKER_LINK, WORKER_IP)):
-            _sh("ip", "link", "set", link, "netns", ns)
-            _sh("ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", link)
-            _sh("ip", "-n", ns, "link", "set", link, "up")
-            _sh("ip", "-n", ns, "link", "set", "lo", "up")
-            nets.append(_net_ns(ns))
         yield root
     finally:
         for ns in (WORKER_NS, HEAD_NS):
@@ -113,14 +75,8 @@ def hosts(tmp_path_factory):
                 _lakeray(ns, root, "down", timeout=120)
             except (subprocess.TimeoutExpired, OSError):
                 pass
-        for net in nets:  # anything still running in a namespace is this test's: it must not outlive it
-            for pid in _pids_in(net):
-                try:
-                    os.kill(pid, 9)
-                except ProcessLookupError:
-                    pass
-        for ns in (HEAD_NS, WORKER_NS):
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
+        pair.stop_leftovers()  # anything still running in a host is this test's: it must not outlive it
+        pair.remove()
 
 
 @pytest.fixture(scope="module")
@@ -188,7 +144,7 @@ def test_a_spark_jobs_tasks_run_on_both_hosts(cluster):
     # Spark's own record: the 4 tasks ran on executors of both hosts ...
     assert len(got["task_hosts"]) == 4 and set(got["task_hosts"]) == {HEAD_IP, WORKER_IP}
     # ... and the Python workers that ran them were in both hosts' network namespaces.
-    assert {net for net, _ in got["parts"]} == {_net_ns(HEAD_NS), _net_ns(WORKER_NS)}
+    assert {net for net, _ in got["parts"]} == {net_of(HEAD_NS), net_of(WORKER_NS)}
     assert sum(rows for _, rows in got["parts"]) == 400
 
 
@@ -209,7 +165,7 @@ def test_a_token_that_is_not_the_heads_is_one_error_naming_its_source(cluster, t
     from lakeray.cluster.local_cluster import temp_dir_for
 
     would_be = temp_dir_for(str(tmp_path / "other-root"), WORKER_IP)
-    assert not [d for d in _described(_pids_in(_net_ns(WORKER_NS))) if would_be in d]
+    assert not [d for d in _described(pids_in(net_of(WORKER_NS))) if would_be in d]
     assert not (tmp_path / "other-root" / "cluster" / "hosts").exists()
     shown = _lakeray(WORKER_NS, root, "status", env={"RAY_AUTH_TOKEN_PATH": str(wrong)}, timeout=120)
     assert shown.returncode == 1
@@ -279,7 +235,7 @@ def test_training_spreads_over_both_hosts_and_fails_over_when_the_worker_host_is
         # Before the cut: one worker per host (SPREAD), a fresh start.
         assert {m["ip"] for m in before} == {HEAD_IP, WORKER_IP} and {m["start"] for m in before} == {0}
         cut_at = time.time()
-        _sh("ip", "-n", WORKER_NS, "link", "set", WORKER_LINK, "down")  # the worker host is cut off
+        sh("ip", "-n", WORKER_NS, "link", "set", WORKER_LINK, "down")  # the worker host is cut off
         out, err = driver.communicate(timeout=240)
     finally:
         if driver.poll() is None:
@@ -300,21 +256,21 @@ def test_training_spreads_over_both_hosts_and_fails_over_when_the_worker_host_is
 
 def test_down_on_each_host_stops_only_what_it_started(cluster):
     root, _ = cluster
-    head_net, worker_net = _net_ns(HEAD_NS), _net_ns(WORKER_NS)
+    head_net, worker_net = net_of(HEAD_NS), net_of(WORKER_NS)
     head_state = json.loads((root / "cluster" / "state.json").read_text())
-    assert _pids_in(worker_net), "the cut-off worker host's processes should still run until its `down`"
+    assert pids_in(worker_net), "the cut-off worker host's processes should still run until its `down`"
     left = _lakeray(WORKER_NS, root, "down", timeout=120)
     assert left.returncode == 0 and "stopped" in left.stdout, left.stderr[-2000:]
-    assert _described(_pids_in(worker_net)) == []
+    assert _described(pids_in(worker_net)) == []
     assert not list((root / "cluster" / "hosts").iterdir())
     # The head's processes (same /proc, same /tmp, same storage root) were not touched.
-    head_pids = set(_pids_in(head_net))
+    head_pids = set(pids_in(head_net))
     assert set(head_state["spark_pids"]) <= head_pids
     assert any(b"gcs_server" in open(f"/proc/{pid}/cmdline", "rb").read() for pid in head_pids)
     assert (root / "cluster" / "state.json").exists()
     stopped = _lakeray(HEAD_NS, root, "down", timeout=120)
     assert stopped.returncode == 0 and "stopped" in stopped.stdout, stopped.stderr[-2000:]
-    assert _described(_pids_in(head_net)) == []
+    assert _described(pids_in(head_net)) == []
     assert not (root / "cluster" / "state.json").exists() and not (root / "cluster" / "auth_token").exists()
 
 
@@ -325,7 +281,7 @@ def test_joining_a_head_that_does_not_answer_fails_fast_and_starts_nothing(hosts
     assert refused.returncode == 1
     assert f"the head at {HEAD_IP}:6390 does not answer" in refused.stderr
     assert time.monotonic() - started < 30
-    assert _described(_pids_in(_net_ns(WORKER_NS))) == []
+    assert _described(pids_in(net_of(WORKER_NS))) == []
     assert not (root / "cluster" / "hosts").exists() or not list((root / "cluster" / "hosts").iterdir())
 
 
@@ -345,5 +301,5 @@ def test_a_head_on_a_taken_port_or_a_foreign_address_is_refused_before_anything_
         holder.wait(timeout=30)
     foreign = _lakeray(HEAD_NS, root, "up", "--head", "--address", WORKER_IP, timeout=120)
     assert foreign.returncode == 1 and f"{WORKER_IP} is not an address of this host" in foreign.stderr
-    assert _described(_pids_in(_net_ns(HEAD_NS))) == []
+    assert _described(pids_in(net_of(HEAD_NS))) == []
     assert not (root / "cluster" / "state.json").exists()

@@ -31,6 +31,7 @@ import pytest
 import yaml
 
 from lakeray import storage
+from lakeray.cluster.netns import commands_of, make_pair, pids_in, wait_until
 from lakeray.features.synthetic import generate_transactions
 from lakeray.lakehouse.delta import write_table
 from tests.conftest import REPO
@@ -42,7 +43,7 @@ RAY = os.path.join(os.path.dirname(sys.executable), "ray")
 SUBNET = 50 + os.getpid() % 20  # 10.77.50-69.0/24: apart from test_multi_host's 70-89
 HEAD_IP, WORKER_IP = f"10.77.{SUBNET}.1", f"10.77.{SUBNET}.2"
 TAG = f"ru{os.getpid() % 100000}"
-HEAD_NS, WORKER_NS = f"{TAG}h", f"{TAG}w"
+HEAD_NS, WORKER_NS = f"{TAG}h", f"{TAG}w"  # netns.make_pair's names for TAG
 CLUSTER = f"lakeray-local-{TAG}"
 # The worker's raylet exits once the GCS is gone (after `ray down` stops the head) after this many
 # seconds (Ray's default 60); passed to every SSH session of both hosts.
@@ -56,33 +57,8 @@ UP_ENV = {"RAY_UP_enable_autoscaler_v2": "0", "RAY_USAGE_STATS_ENABLED": "0"}
 DAEMONS = ("raylet", "gcs_server", "org.apache.spark.deploy")
 
 
-def _sh(*cmd: str) -> None:
-    subprocess.run(cmd, check=True, capture_output=True, timeout=30)
-
-
-def _net_ns(ns: str) -> str:
-    return subprocess.run(["ip", "netns", "exec", ns, "readlink", "/proc/self/ns/net"], capture_output=True,
-                          text=True, timeout=30, check=True).stdout.strip()
-
-
-def _cmdlines_in(net: str) -> dict[int, str]:
-    found = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                if os.readlink(f"/proc/{entry}/ns/net") == net:
-                    with open(f"/proc/{entry}/stat", encoding="utf-8") as fh:
-                        if fh.read().rsplit(")", 1)[1].split()[0] == "Z":
-                            continue
-                    with open(f"/proc/{entry}/cmdline", "rb") as fh:
-                        found[int(entry)] = fh.read().replace(bytes(1), b" ").decode(errors="replace")
-            except OSError:
-                continue
-    return found
-
-
 def _daemons_in(net: str) -> list[str]:
-    return [cmd[:160] for cmd in _cmdlines_in(net).values() if any(d in cmd for d in DAEMONS)]
+    return [cmd[:160] for cmd in commands_of(pids_in(net)).values() if any(d in cmd for d in DAEMONS)]
 
 
 def _host_home(base, key_pub: str, ip: str):
@@ -187,19 +163,12 @@ def hosts(tmp_path_factory):
     key = tmp / "id_ed25519"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True,
                    capture_output=True, timeout=30)
-    sshds, nets = [], []
+    sshds = []
+    # Ray finds its node address from the route to a public address; none leaves the veth pair.
+    pair = make_pair(TAG, HEAD_IP, WORKER_IP, default_route=True)
+    nets = pair.nets
     try:
-        for ns in (HEAD_NS, WORKER_NS):
-            _sh("ip", "netns", "add", ns)
-        _sh("ip", "link", "add", f"{TAG}h0", "type", "veth", "peer", "name", f"{TAG}w0")
-        for ns, link, ip in ((HEAD_NS, f"{TAG}h0", HEAD_IP), (WORKER_NS, f"{TAG}w0", WORKER_IP)):
-            _sh("ip", "link", "set", link, "netns", ns)
-            _sh("ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", link)
-            _sh("ip", "-n", ns, "link", "set", link, "up")
-            _sh("ip", "-n", ns, "link", "set", "lo", "up")
-            # Ray finds its node address from the route to a public address; none leaves the veth pair.
-            _sh("ip", "-n", ns, "route", "add", "default", "dev", link)
-            nets.append(_net_ns(ns))
+        for ns, ip in ((HEAD_NS, HEAD_IP), (WORKER_NS, WORKER_IP)):
             base = tmp / ns
             _host_home(base, key.with_suffix(".pub").read_text(), ip)
             sshds.append(_start_sshd(ns, base))
@@ -224,14 +193,8 @@ def hosts(tmp_path_factory):
                 pass
             proc.kill()
             proc.wait(timeout=30)
-        for net in nets:
-            for pid in _cmdlines_in(net):
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-        for ns in (HEAD_NS, WORKER_NS):
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
+        pair.stop_leftovers()
+        pair.remove()
         for leftover in (f"/tmp/cluster-{CLUSTER}.state", f"/tmp/cluster-{CLUSTER}.lock"):
             if os.path.exists(leftover):
                 os.remove(leftover)
@@ -254,25 +217,26 @@ def test_ray_up_exec_down_with_the_local_provider(hosts, shared_lakehouse, spark
              "print(json.dumps({'ray': sorted(n['NodeManagerAddress'] for n in ray.nodes() if n['Alive']), "
              f"'spark': sorted(w['host'] for w in httpx.get('http://{HEAD_IP}:8080/json/').json()['workers'] "
              "if w['state'] == 'ALIVE')}))\"")
-    deadline, seen = time.monotonic() + 150, None
-    while time.monotonic() < deadline:
+    both = {"ray": [HEAD_IP, WORKER_IP], "spark": [HEAD_IP, WORKER_IP]}
+    seen = None
+
+    def nodes_seen() -> bool:
+        nonlocal seen
         shown = _ray("exec", str(path), probe, timeout=120)
         lines = [line for line in shown.stdout.splitlines() if line.startswith("{")]
         seen = json.loads(lines[-1]) if shown.returncode == 0 and lines else shown.stdout[-2000:]
-        if isinstance(seen, dict) and seen["ray"] == [HEAD_IP, WORKER_IP] and seen["spark"] == [HEAD_IP, WORKER_IP]:
-            break
-        time.sleep(3)
+        return seen == both
+
+    wait_until(nodes_seen, 150, interval_s=3)  # each probe is an SSH session and a Python start
     print(f"both nodes in Ray and Spark {time.monotonic() - started:.1f} s after ray up began")
-    assert seen == {"ray": [HEAD_IP, WORKER_IP], "spark": [HEAD_IP, WORKER_IP]}, seen
+    assert seen == both, seen
 
     _feature_job_on_the_cluster(lakehouse, token)
     _token_is_required(lakehouse)
 
     down = _ray("down", "-y", str(path), timeout=120)
     assert down.returncode == 0, down.stdout[-3000:] + down.stderr[-3000:]
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and (_daemons_in(head_net) or _daemons_in(worker_net)):
-        time.sleep(2)
+    wait_until(lambda: not _daemons_in(head_net) and not _daemons_in(worker_net), 60)
     assert _daemons_in(head_net) == [] and _daemons_in(worker_net) == [], (_daemons_in(head_net),
                                                                           _daemons_in(worker_net))
 
