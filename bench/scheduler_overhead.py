@@ -138,14 +138,15 @@ class MemorySampler(threading.Thread):
             members = {pid: v for pid, v in procs.items() if v[1] == daemon}
             java = [pid for pid in members if "java" in _cmdline(pid).split(" ", 1)[0]]
             # The worker is the JVM's parent (pyspark starts the JVM); its code server is the worker's parent.
-            worker = [members[j][0] for j in java if members[j][0] in members]
+            # The largest of each: a finishing run's worker can overlap the next one's for a moment.
+            workers = {members[j][0] for j in java if members[j][0] in members}
             self.samples.append({
                 "t": time.time(),
                 "daemon_group": sum(v[2] for v in members.values()),
                 "webserver_group": sum(v[2] for pid, v in procs.items() if v[1] == web),
-                "worker": sum(members[p][2] for p in set(worker)),
-                "worker_jvm": sum(members[j][2] for j in java),
-                "running": bool(java)})
+                "worker": max((members[p][2] for p in workers), default=0),
+                "worker_jvm": max((members[j][2] for j in java), default=0),
+                "workers": len(workers), "running": bool(java)})
 
 
 def _mib(values: list[int]) -> float | None:
@@ -330,9 +331,11 @@ def _measure(bench: Bench, args: argparse.Namespace) -> dict:
             figures = _run_figures(instance, success[0], due)
             per_table = {t: [c for c in commits[t] if c["interval"] == interval] for t in TABLES}
             last = per_table[TABLES[-1]][0]["t"] if per_table[TABLES[-1]] else None
-            first_job = [m["t"] for m in marks if m["job"] == TABLES[0] and due <= m["t"] <= (last or due)]
+            # Runs go one at a time: the interval's first job was the last call before its own commit.
+            own = per_table[TABLES[0]][0]["t"] if per_table[TABLES[0]] else due
+            first_job = max((m["t"] for m in marks if m["job"] == TABLES[0] and due <= m["t"] <= own), default=None)
             intervals.append({"interval": interval, "runs": len(runs), "queued": previous_end is not None and previous_end > due,
-                              **figures, "first_job_s": round(min(first_job) - due, 2) if first_job else None,
+                              **figures, "first_job_s": None if first_job is None else round(first_job - due, 2),
                               "last_commit_s": None if last is None else round(last - due, 2),
                               "versions": {t: [c["version"] for c in cs] for t, cs in per_table.items()}})
             previous_end = success[0].end_time
@@ -367,6 +370,7 @@ def _measure(bench: Bench, args: argparse.Namespace) -> dict:
               "webserver_group_run_peak_mib": _mib([s["webserver_group"] for s in busy]),
               "run_worker_peak_mib": _mib([s["worker"] for s in busy]),
               "run_worker_jvm_peak_mib": _mib([s["worker_jvm"] for s in busy]),
+              "run_workers_at_once": max((s["workers"] for s in busy), default=0),
               "samples": len(samples), "idle_samples": len(idle), "run_samples": len(busy)}
     return {"direct": [direct_before, direct_after], "cli_chain": cli, "intervals": intervals, "memory": memory,
             "scheduler_start_s": round(start_s, 1), "scheduler_cpu_s": round(scheduler_cpu_s, 1),
@@ -443,7 +447,9 @@ def _summarise(measured: dict, args: argparse.Namespace, other: float, elapsed: 
                               "process and code location loaded) / baseline_s",
             "start_overhead_s": "(due → first job's function called) − (direct process start → first job's "
                                 "function called): the delay the scheduler adds to the job's start",
-            "cli_chain_ratio": "candidate_s / the chain typed as two `lakeray features run` calls (two JVMs)"},
+            "cli_chain_ratio": "candidate_s / the chain typed as two `lakeray features run` calls (two JVMs)",
+            "memory": "MiB, resident sets summed over each process group; the largest sample while idle (before "
+                      "the first due time) and while a run's JVM lived"},
         "scheduler_part": round(med("run_start_s", chosen) / direct_s, 3),
         "start_overhead_s": round(med("first_job_s", chosen) - med("first_job_s", direct), 2),
         "due_to": {p.removesuffix("_s") + "_s": med(p, chosen) for p in points},
