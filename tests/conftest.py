@@ -7,12 +7,22 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+LAKERAY = os.path.join(os.path.dirname(sys.executable), "lakeray")
 os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+# Serve's HAProxy ingress keeps a stopping replica reachable for at least 30 s (Ray's default) so that an
+# external load balancer (an ALB) can deregister it: every delete, promote and rolling update in the tests
+# waited it out. The tests' local clusters have only Serve's own HAProxy, which rereads its backends within
+# a second and retries a refused connection on another replica, so 5 s keeps the window real (the
+# zero-loss rolling-update test runs through it) and takes ~25 s off each replica stop. Read by Serve's
+# controller and replicas when they start: set before any Ray of the session (they inherit it).
+os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "5")
 
 
 def write_learnable(path: str, rows: int, features: int, seed: int, files: int = 1) -> None:
@@ -65,6 +75,14 @@ def kill_tree(pid: int) -> None:
             os.kill(child, signal.SIGKILL)
 
 
+def cluster_cli(root, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`lakeray cluster ARGS` on this checkout's lakeray.yaml with storage root ``root`` (where the
+    cluster's state lives)."""
+    env = {**os.environ, "LAKERAY_STORAGE__ROOT": str(root)}
+    return subprocess.run([LAKERAY, "--config", str(REPO / "lakeray.yaml"), "cluster", *args], env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -109,3 +127,20 @@ def ray_handle(settings):
     handle = start_ray(settings)
     yield handle
     handle.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3proxy(tmp_path_factory):
+    """One S3Proxy (a real S3-compatible server, a JVM) on loopback for the whole test session, credentials
+    chosen here; each module makes its own bucket with :func:`s3_bucket`."""
+    from lakeray.cluster.object_store import start_s3proxy
+
+    server = start_s3proxy(str(tmp_path_factory.mktemp("s3proxy")))
+    yield server
+    server.stop()
+
+
+def s3_bucket(server, name: str) -> str:
+    """Create bucket ``name`` on ``server`` (S3Proxy's filesystem backend: a bucket is a folder of its root)."""
+    (Path(server.root_dir) / name).mkdir(exist_ok=True)
+    return name

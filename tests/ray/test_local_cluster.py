@@ -11,18 +11,9 @@ import sys
 import pytest
 
 from lakeray.cluster.processes import alive
-from tests.conftest import REPO
+from tests.conftest import REPO, cluster_cli
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
-
-LAKERAY = os.path.join(os.path.dirname(sys.executable), "lakeray")
-
-
-def _cli(root, *args, timeout=300):
-    env = {**os.environ, "LAKERAY_STORAGE__ROOT": str(root)}
-    return subprocess.run([LAKERAY, "--config", str(REPO / "lakeray.yaml"), "cluster", *args], env=env,
-                          capture_output=True, text=True, timeout=timeout)
-
 
 def _processes_with(text: str) -> list[int]:
     found = []
@@ -42,13 +33,13 @@ def _processes_with(text: str) -> list[int]:
 
 def test_up_status_use_and_down_leave_nothing_behind(tmp_path):
     root = tmp_path / "lakehouse"
-    started = _cli(root, "up", "--workers", "1", "--head-cpus", "2")
+    started = cluster_cli(root, "up", "--workers", "1", "--head-cpus", "2")
     try:
         assert started.returncode == 0, started.stderr[-3000:]
         state = json.loads((root / "cluster" / "state.json").read_text())
         assert _processes_with(state["temp_dir"]), "no Ray process carries the cluster's temp dir"
 
-        shown = _cli(root, "status", "--json")
+        shown = cluster_cli(root, "status", "--json")
         assert shown.returncode == 0, shown.stderr[-3000:]
         info = json.loads(shown.stdout)
         # Ray's own node list: the head and the worker node; Spark's own worker list: one, alive.
@@ -57,7 +48,7 @@ def test_up_status_use_and_down_leave_nothing_behind(tmp_path):
         assert [w["state"] for w in info["spark_workers"]] == ["ALIVE"]
         assert info["dashboard_url"].startswith("http://127.0.0.1:")
 
-        again = _cli(root, "up")
+        again = cluster_cli(root, "up")
         assert again.returncode == 1 and "already running" in again.stderr
 
         # A lakeray command of this project connects to the cluster instead of starting a private Ray.
@@ -79,7 +70,7 @@ def test_up_status_use_and_down_leave_nothing_behind(tmp_path):
         wrong.write_text(os.urandom(32).hex())
         joiner = tmp_path / "joiner"
         before = set(_processes_with("lakeray-rayj-"))
-        refused = _cli(joiner, "join", state["ray_address"], "--no-spark", "--cpus", "1", "--token-file", str(wrong))
+        refused = cluster_cli(joiner, "join", state["ray_address"], "--no-spark", "--cpus", "1", "--token-file", str(wrong))
         assert refused.returncode == 1
         headline = refused.stderr.strip().splitlines()[0]
         assert headline.endswith(f"the head at {state['ray_address']} refused this host's Ray token "
@@ -94,11 +85,11 @@ def test_up_status_use_and_down_leave_nothing_behind(tmp_path):
         assert (f"ClusterError: the Ray cluster at {state['ray_address']} refused this host's token "
                 f"(RAY_AUTH_TOKEN_PATH={wrong})") in denied.stderr, denied.stderr[-2000:]
     finally:
-        stopped = _cli(root, "down")
+        stopped = cluster_cli(root, "down")
     assert stopped.returncode == 0 and "stopped" in stopped.stdout, stopped.stderr
     assert not _processes_with(state["temp_dir"])
     assert not any(alive(pid) for pid in state["spark_pids"])
     assert not (root / "cluster" / "state.json").exists()
     # After down, status says there is none (exit 1) and a second down is a no-op.
-    assert _cli(root, "status").returncode == 1
-    assert "no lakeray cluster was running" in _cli(root, "down").stdout
+    assert cluster_cli(root, "status").returncode == 1
+    assert "no lakeray cluster was running" in cluster_cli(root, "down").stdout

@@ -21,6 +21,7 @@ from pathlib import Path  # local folders only: the S3Proxy data folder and the 
 import pytest
 
 from lakeray import storage
+from tests.conftest import s3_bucket
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -32,17 +33,10 @@ LAKERAY = os.path.join(os.path.dirname(sys.executable), "lakeray")
 
 
 @pytest.fixture(scope="module")
-def s3proxy(tmp_path_factory):
-    from lakeray.cluster.object_store import start_s3proxy
-
-    server = start_s3proxy(str(tmp_path_factory.mktemp("s3proxy-train")), buckets=(BUCKET,))
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
 def project(s3proxy, tmp_path_factory):
-    """A project folder whose only profile keeps everything in the bucket (the registry: local SQLite)."""
+    """A project folder whose only profile keeps everything in the bucket (the registry: local SQLite), on
+    the session's S3Proxy (tests/conftest.py)."""
+    s3_bucket(s3proxy, BUCKET)
     from lakeray.config import StorageConfig
 
     folder = tmp_path_factory.mktemp("bucket_project")

@@ -17,6 +17,7 @@ import time
 import httpx
 import pytest
 
+from lakeray.cluster.netns import wait_until
 from lakeray.cluster.processes import (
     LOOPBACK,
     alive,
@@ -27,18 +28,9 @@ from lakeray.cluster.processes import (
     start_jvm,
     stop_groups,
 )
-from tests.conftest import REPO
+from tests.conftest import REPO, cluster_cli
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
-
-LAKERAY = os.path.join(os.path.dirname(sys.executable), "lakeray")
-
-
-def _cli(root, *args, timeout=300):
-    env = {**os.environ, "LAKERAY_STORAGE__ROOT": str(root)}
-    return subprocess.run([LAKERAY, "--config", str(REPO / "lakeray.yaml"), "cluster", *args], env=env,
-                          capture_output=True, text=True, timeout=timeout)
-
 
 def _cmdlines() -> dict[int, str]:
     found = {}
@@ -90,15 +82,13 @@ def spark_cluster(tmp_path_factory):
     pids = [start_jvm(master, spark_env(LOOPBACK), str(logs / "master.log")),
             start_jvm(spark_worker_command(master_url, LOOPBACK, 2, 2048, str(logs / "work")), spark_env(LOOPBACK), str(logs / "worker.log"))]
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
+        def registered() -> bool:
             try:
-                if [w["state"] for w in httpx.get(f"{ui}/json/", timeout=2).json()["workers"]] == ["ALIVE"]:
-                    break
+                return [w["state"] for w in httpx.get(f"{ui}/json/", timeout=2).json()["workers"]] == ["ALIVE"]
             except (httpx.HTTPError, ValueError, KeyError):
-                pass
-            time.sleep(0.5)
-        else:
+                return False
+
+        if not wait_until(registered, 120):
             pytest.fail(f"the test's Spark worker did not register; see {logs}")
         yield master_url, ui
     finally:
@@ -109,7 +99,7 @@ def test_ray_on_a_spark_cluster_is_used_by_lakeray_and_down_leaves_nothing(spark
     master_url, ui = spark_cluster
     root = tmp_path / "lakehouse"
     started = time.monotonic()
-    up = _cli(root, "up", "--on-spark", master_url, "--workers", "1", "--worker-cpus", "1")
+    up = cluster_cli(root, "up", "--on-spark", master_url, "--workers", "1", "--worker-cpus", "1")
     up_s = time.monotonic() - started
     state = json.loads((root / "cluster" / "state.json").read_text()) if up.returncode == 0 else {}
     try:
@@ -141,11 +131,11 @@ def test_ray_on_a_spark_cluster_is_used_by_lakeray_and_down_leaves_nothing(spark
         raylets = [pid for pid, c in lines.items() if "/raylet" in c and state["temp_dir"] in c]
         assert executors and any(executors & set(_ancestors(pid)) for pid in raylets)
 
-        shown = _cli(root, "status", "--json")
+        shown = cluster_cli(root, "status", "--json")
         assert shown.returncode == 0, shown.stderr[-2000:]
         assert json.loads(shown.stdout)["on_spark"]["spark_app_id"] == state["spark_app_id"]
     finally:
-        stopped = _cli(root, "down")
+        stopped = cluster_cli(root, "down")
     assert stopped.returncode == 0 and "stopped" in stopped.stdout, stopped.stderr[-2000:]
     assert _tagged(state["temp_dir"]) == [] and not alive(state["driver_pid"])
     assert not [pid for pid, c in _cmdlines().items() if state["spark_app_id"] in c]  # no executor left
@@ -158,12 +148,12 @@ def test_an_unreachable_master_fails_within_a_bounded_wait_and_starts_nothing(tm
     root = tmp_path / "lakehouse"
     url = f"spark://{LOOPBACK}:{free_port()}"  # nothing listens there
     started = time.monotonic()
-    refused = _cli(root, "up", "--on-spark", url, timeout=120)
+    refused = cluster_cli(root, "up", "--on-spark", url, timeout=120)
     assert refused.returncode == 1 and f"the Spark master {url} does not answer" in refused.stderr
     assert time.monotonic() - started < 40
     assert not (root / "cluster" / "state.json").exists()
     from lakeray.cluster.on_spark import temp_root_for
 
     assert _tagged(temp_root_for(str(root))) == []
-    bad = _cli(root, "up", "--on-spark", "yarn", timeout=120)
+    bad = cluster_cli(root, "up", "--on-spark", "yarn", timeout=120)
     assert bad.returncode == 1 and "is not a Spark standalone master URL" in bad.stderr

@@ -23,6 +23,7 @@ import pytest
 
 from lakeray import storage
 from lakeray.errors import ConfigError
+from tests.conftest import s3_bucket
 
 pytestmark = [pytest.mark.spark, pytest.mark.slow]
 
@@ -40,22 +41,20 @@ def os_spend(os_events):
 '''
 
 
-@pytest.fixture(scope="session")
-def s3proxy(tmp_path_factory):
-    """S3Proxy over a temp folder, one bucket, credentials chosen here; the hadoop-aws jars cached as
-    `lakeray setup --object-store` does (a no-op once cached: the first time downloads ~690 MB)."""
-    from lakeray.cluster.object_store import start_s3proxy
+@pytest.fixture(scope="module")
+def object_store_jars():
+    """The hadoop-aws jars cached as `lakeray setup --object-store` does (a no-op once cached: the first
+    time downloads ~690 MB)."""
     from lakeray.config import load_settings
     from lakeray.lakehouse.spark import object_store_jars_dir, resolve_object_store_jars
 
     resolve_object_store_jars(object_store_jars_dir(load_settings(REPO / "lakeray.yaml", "local", environ={})))
-    server = start_s3proxy(str(tmp_path_factory.mktemp("s3proxy")), buckets=(BUCKET,))
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")
-def s3_env(s3proxy, tmp_path_factory):
+def s3_env(s3proxy, object_store_jars, tmp_path_factory):
+    """The session's S3Proxy (tests/conftest.py) with this module's bucket."""
+    s3_bucket(s3proxy, BUCKET)
     jobs = tmp_path_factory.mktemp("os_jobs")
     (jobs / "os_jobs.py").write_text(textwrap.dedent(JOBS))
     return {
