@@ -187,14 +187,23 @@ def _feature_asset(task: Task) -> dg.AssetsDefinition:
 
 
 def _refuse_timed_out_reexecution(context: Any) -> None:
-    """Fail, without retries, a run that re-executes one cancelled for its timeout.
+    """Fail, without retries, a step attempt that would carry on a run stopped by its timeout.
 
-    Scheduled runs carry ``dagster/max_retries`` so that a run whose worker died is re-executed, and
-    Dagster's run retries cannot tell that crash from run monitoring's ``dagster/max_runtime`` cancel
-    (both are run failures without a step failure). Re-running a run that exceeded its limit would
-    only exceed it again, up to CRASH_RETRIES more times; a step failure here ends the chain, and the
-    failure alert then goes out with this message.
+    Two of Dagster's retries cannot tell run monitoring's ``dagster/max_runtime`` cancel from a crash:
+    - the step's RetryPolicy: the interrupted attempt can fail like any error (seen: an interrupt during
+      Spark's start-up), and its retry would run the job, and commit, in a run already marked failed;
+    - the run retries: scheduled runs carry ``dagster/max_retries`` so that a run whose worker died is
+      re-executed, and the cancel is also a run failure without a step failure. The re-execution would
+      only exceed the limit again, up to CRASH_RETRIES more times.
+    The step failure raised here ends both, before Spark starts.
     """
+    if context.retry_number > 0:
+        run = context.instance.get_run_by_id(context.run_id)
+        if run is not None and run.status in (dg.DagsterRunStatus.CANCELING, dg.DagsterRunStatus.CANCELED,
+                                              dg.DagsterRunStatus.FAILURE):
+            cancels = context.instance.all_logs(context.run_id, of_type=dg.DagsterEventType.RUN_CANCELING)
+            reason = cancels[0].dagster_event.message if cancels else f"status {run.status.value}"
+            raise dg.Failure(f"not retried: this run was stopped ({reason})", allow_retries=False)
     parent = context.run.tags.get("dagster/parent_run_id")
     if parent is None:
         return
