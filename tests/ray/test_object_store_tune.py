@@ -21,7 +21,7 @@ from pathlib import Path  # local folders only: the S3Proxy data folder and the 
 import pytest
 
 from lakeray import storage
-from tests.conftest import kill_tree
+from tests.conftest import kill_tree, s3_bucket
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -34,19 +34,12 @@ TRIALS, ROUNDS = 3, 400
 
 
 @pytest.fixture(scope="module")
-def s3proxy(tmp_path_factory):
-    from lakeray.cluster.object_store import start_s3proxy
-
-    server = start_s3proxy(str(tmp_path_factory.mktemp("s3proxy-tune")), buckets=(BUCKET,))
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
 def project(s3proxy, tmp_path_factory):
-    """A project folder whose profiles keep everything in the bucket (the registry: local SQLite);
-    ``no_tracking`` leaves mlflow.tracking_uri empty."""
+    """A project folder whose profiles keep everything in a bucket of the session's S3Proxy
+    (tests/conftest.py; the registry: local SQLite); ``no_tracking`` leaves mlflow.tracking_uri empty."""
     from lakeray.config import StorageConfig
+
+    s3_bucket(s3proxy, BUCKET)
 
     folder = tmp_path_factory.mktemp("bucket_tune_project")
     store = StorageConfig(root=ROOT, endpoint_url=s3proxy.endpoint, access_key_env=KEY_VAR, secret_key_env=SECRET_VAR,
