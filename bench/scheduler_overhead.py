@@ -136,7 +136,8 @@ class MemorySampler(threading.Thread):
         while not self.stop_event.wait(0.5):
             procs = _procs()
             members = {pid: v for pid, v in procs.items() if v[1] == daemon}
-            java = [pid for pid in members if "java" in _cmdline(pid).split(" ", 1)[0]]
+            # The program's name, not its path: the JVM's jspawnhelper children live under .../java-17-.../lib.
+            java = [pid for pid in members if os.path.basename(_cmdline(pid).split(" ", 1)[0]) == "java"]
             # The worker is the JVM's parent (pyspark starts the JVM); its code server is the worker's parent.
             # The largest of each: a finishing run's worker can overlap the next one's for a moment.
             workers = {members[j][0] for j in java if members[j][0] in members}
