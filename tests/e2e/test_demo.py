@@ -1,43 +1,22 @@
-"""`lakeray demo` end to end, as a user runs it: a subprocess on the CLI, small size, real everything."""
+"""`lakeray demo` end to end, as a user runs it: a subprocess on the CLI, small size, real everything. The
+first run is the one in a folder `lakeray init` made (tests/e2e/conftest.py); the re-runs go to the same folder."""
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, free_port
+from tests.e2e.conftest import LAKERAY, ROWS
 
 pytestmark = [pytest.mark.slow, pytest.mark.spark, pytest.mark.ray]
 
-LAKERAY = str(Path(sys.executable).parent / "lakeray")
-ROWS = 20_000
 KEYS = {"rows", "feature_table", "feature_table_version", "auc", "model_uri", "endpoint", "predictions"}
 
 
-@pytest.fixture(scope="module")
-def demo_env(tmp_path_factory):
-    root = tmp_path_factory.mktemp("demo-lakehouse")
-    # Not the HAProxy ports and paths that this test process's own Ray (tests/ray, when it ran first) put in
-    # os.environ: the demo's cluster must pick its own, as it does for a user.
-    inherited = {k: v for k, v in os.environ.items() if not k.startswith("RAY_SERVE_HAPROXY_")}
-    env = dict(inherited, LAKERAY_STORAGE__ROOT=str(root), LAKERAY_SERVE__PORT=str(free_port()),
-               LAKERAY_SPARK__DRIVER_MEMORY="2g", LAKERAY_SPARK__SHUFFLE_PARTITIONS="4")
-    return env, root
-
-
-def run_demo(env) -> dict:
-    result = subprocess.run([LAKERAY, "--config", str(REPO / "lakeray.yaml"), "demo", "--json", "--rows", str(ROWS)],
-                            capture_output=True, text=True, env=env, timeout=900)
-    assert result.returncode == 0, result.stderr[-4000:]
-    return json.loads(result.stdout)
-
-
-def keep_serving_demo(env, log: Path) -> dict:
+def keep_serving_demo(project: Path, env, log: Path) -> dict:
     """`demo --json --keep-serving`: the summary comes out while the endpoint is up; Ctrl-C ends it cleanly."""
     import queue
     import threading
@@ -45,8 +24,8 @@ def keep_serving_demo(env, log: Path) -> dict:
     import httpx
 
     with log.open("w") as stderr:
-        proc = subprocess.Popen([LAKERAY, "--config", str(REPO / "lakeray.yaml"), "demo", "--json", "--keep-serving",
-                                 "--rows", str(ROWS)], stdout=subprocess.PIPE, stderr=stderr, text=True, env=env)
+        proc = subprocess.Popen([LAKERAY, "demo", "--json", "--keep-serving", "--rows", str(ROWS)], cwd=project,
+                                stdout=subprocess.PIPE, stderr=stderr, text=True, env=env)
         lines: queue.Queue = queue.Queue()
         threading.Thread(target=lambda: lines.put(proc.stdout.readline()), daemon=True).start()
         try:
@@ -65,8 +44,10 @@ def keep_serving_demo(env, log: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def first_run(demo_env):
-    return run_demo(demo_env[0])
+def first_run(init_project):
+    """The first demo in a folder `lakeray init` made (tests/e2e/conftest.py; test_readme_walkthrough checks
+    the folder): its lakehouse is where the re-runs below write."""
+    return init_project.summary
 
 
 def test_demo_json_summary(first_run):
@@ -84,11 +65,11 @@ def test_demo_json_summary(first_run):
     assert first_run["training_set_rows"] == ROWS and all(first_run["feature_checks"].values())
 
 
-def test_interrupted_demo_exits_cleanly_and_the_next_run_succeeds(first_run, demo_env):
+def test_interrupted_demo_exits_cleanly_and_the_next_run_succeeds(first_run, init_project, tmp_path):
     from lakeray.lakehouse.delta import read_arrow
 
-    env, root = demo_env
-    proc = subprocess.Popen([LAKERAY, "--config", str(REPO / "lakeray.yaml"), "demo", "--json", "--rows", str(ROWS)],
+    env, root = init_project.env, init_project.path / "lakehouse"
+    proc = subprocess.Popen([LAKERAY, "demo", "--json", "--rows", str(ROWS)], cwd=init_project.path,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     # Interrupt while Ray is up (training running): the worst moment to leave things behind.
     deadline = time.monotonic() + 600
@@ -107,7 +88,7 @@ def test_interrupted_demo_exits_cleanly_and_the_next_run_succeeds(first_run, dem
             proc.kill()
     assert proc.returncode == 130, proc.stderr.read()[-3000:]
 
-    second = keep_serving_demo(env, root.parent / "keep-serving.log")
+    second = keep_serving_demo(init_project.path, env, tmp_path / "keep-serving.log")
     # Re-running overwrites: new versions, the same rows, never duplicated.
     assert second["source_table_version"] > first_run["source_table_version"]
     assert second["feature_table_version"] > first_run["feature_table_version"]

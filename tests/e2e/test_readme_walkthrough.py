@@ -4,23 +4,19 @@ The commands and the curl body are read out of README.md, so the document and th
 """
 
 import json
-import os
 import re
 import shlex
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import REPO, free_port
+from tests.e2e.conftest import LAKERAY, ROWS, user_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.spark, pytest.mark.ray]
-
-LAKERAY = str(Path(sys.executable).parent / "lakeray")
-ROWS = 20_000
 
 
 def walkthrough_commands() -> list[list[str]]:
@@ -38,14 +34,6 @@ def curl_body() -> dict:
     curl = re.search(r"curl -s localhost:8000/predict .*?-d '(.*?)'", readme, re.S)
     assert curl, "README.md lost its curl example"
     return json.loads(curl.group(1))
-
-
-def user_env(**overrides: str) -> dict[str, str]:
-    # Not the HAProxy ports and paths that this test process's own Ray (tests/ray) put in os.environ, nor
-    # any LAKERAY_* of the caller: each command sees what a user's shell would.
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("RAY_SERVE_HAPROXY_") and not (k.startswith("LAKERAY_") and k != "LAKERAY_CACHE")}
-    return dict(env, LAKERAY_SPARK__DRIVER_MEMORY="2g", LAKERAY_SPARK__SHUFFLE_PARTITIONS="4", **overrides)
 
 
 def wait_for_health(url: str, proc: subprocess.Popen, log: Path, timeout_s: float = 600) -> dict:
@@ -108,18 +96,9 @@ def test_the_readme_walkthrough_works_in_order_and_serves_the_curl_body(tmp_path
     assert "stopping" in log.read_text()
 
 
-def test_init_then_demo_in_a_new_folder_without_config(tmp_path):
-    project = tmp_path / "proj"
-    env = user_env(LAKERAY_SERVE__PORT=str(free_port()))
-    created = subprocess.run([LAKERAY, "init", str(project)], cwd=tmp_path, env=env, capture_output=True, text=True,
-                             timeout=120)
-    assert created.returncode == 0, created.stderr
-    assert f"cd {project}" in created.stdout and "lakeray demo" in created.stdout
-
-    demo = subprocess.run([LAKERAY, "demo", "--json", "--rows", str(ROWS)], cwd=project, env=env,
-                          capture_output=True, text=True, timeout=900)
-    assert demo.returncode == 0, demo.stderr[-4000:]
-    summary = json.loads(demo.stdout)
+def test_init_then_demo_in_a_new_folder_without_config(init_project):
+    project, summary = init_project.path, init_project.summary
+    assert f"cd {project}" in init_project.init_stdout and "lakeray demo" in init_project.init_stdout
     assert 0.6 < summary["auc"] <= 1.0 and summary["training_set_rows"] == ROWS
     assert Path(summary["feature_job_source"]) == project / "jobs" / "features" / "customer_aggregates.py"
     preds = summary["predictions"]
