@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -30,7 +31,7 @@ ROOT = f"s3://{BUCKET}/lakehouse"
 KEY_VAR, SECRET_VAR = "LR_TUNE_S3_KEY", "LR_TUNE_S3_SECRET"
 LAKERAY = os.path.join(os.path.dirname(sys.executable), "lakeray")
 SEARCH = "bucket_search"
-TRIALS, ROUNDS = 3, 400
+TRIALS, ROUNDS = 4, 500
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +55,7 @@ def project(s3proxy, tmp_path_factory):
           no_tracking:
             storage: {json.dumps(store.model_dump(exclude_none=True))}
         """))
-    # One trial at a time, each long enough (400 rounds, depth 8) that the kill lands between trials.
+    # One trial at a time, each long enough (500 rounds, depth 8) that the kill lands between trials.
     (folder / "tune.yaml").write_text(textwrap.dedent(f"""\
         name: {SEARCH}
         train:
@@ -109,18 +110,18 @@ def _objects(store, prefix: str) -> list:
                                                        allow_not_found=True))
 
 
-def _finished_trials(store) -> dict[str, int]:
-    """Trial folder → number of results in its result.json (in the bucket), for trials that finished."""
+def _terminated_in_state(store) -> dict[str, str]:
+    """Trial id → its result.json, for the trials that Tune's experiment state in the bucket holds as
+    TERMINATED (the driver uploads the state and the trials' result files together, every 2 s)."""
     folder = storage.join(ROOT, "tune_runs", SEARCH)
+    states = sorted(n for n in storage.list_dir(folder) if n.startswith("experiment_state-") and n.endswith(".json"))
+    if not states:
+        return {}
+    trials = [json.loads(t[0]) for t in json.loads(storage.read_text(storage.join(folder, states[-1])))["trial_data"]]
     done = {}
-    for name in storage.list_dir(folder):
-        try:
-            text = storage.read_text(storage.join(folder, name, "result.json"))
-        except (FileNotFoundError, IsADirectoryError):
-            continue
-        lines = [json.loads(x) for x in text.splitlines() if x.strip()]
-        if lines and lines[-1].get("final"):
-            done[name] = len(lines)
+    for trial in trials:
+        if trial["status"] == "TERMINATED":
+            done[trial["trial_id"]] = storage.read_text(storage.join(folder, trial["relative_logdir"], "result.json"))
     return done
 
 
@@ -134,18 +135,18 @@ def test_a_search_in_the_bucket_is_killed_resumed_from_the_bucket_and_registers_
         driver = subprocess.Popen([LAKERAY, "tune", "tune.yaml", "--json"], cwd=folder, env=env,
                                   start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         try:
+            # Killed as soon as the state in the bucket holds a finished trial (the later ones still run).
             deadline = time.monotonic() + 240
-            while time.monotonic() < deadline and driver.poll() is None and not _finished_trials(store):
-                time.sleep(0.5)
+            while time.monotonic() < deadline and driver.poll() is None and not _terminated_in_state(store):
+                time.sleep(0.3)
             assert driver.poll() is None, driver.stdout.read().decode()[-3000:]
-            time.sleep(2.5)  # Tune uploads the experiment's state every 2 s: the finished trial is in it
-            before = _finished_trials(store)
-            assert 1 <= len(before) < TRIALS, "the search finished before its driver was killed"
             kill_tree(driver.pid)
             driver.wait(30)
         finally:
             if driver.poll() is None:
                 os.killpg(driver.pid, signal.SIGKILL)
+        before = _terminated_in_state(store)
+        assert 1 <= len(before) < TRIALS, "the search finished before its driver was killed"
 
         # The search so far is only in the bucket: Tune's state and the first trial's checkpoints.
         assert not list(folder.rglob("tune_runs"))
@@ -162,17 +163,20 @@ def test_a_search_in_the_bucket_is_killed_resumed_from_the_bucket_and_registers_
         assert summary["folder"] == f"{ROOT}/tune_runs/{SEARCH}"
         assert all(t["final"] and t["rounds"] == ROUNDS for t in summary["trials"])
         assert summary["metrics"]["auc"] > 0.75
-        # A finished trial was not trained again: after the results it had before the kill come, at most,
-        # re-reports of its final checkpoint (a trial that finished after Tune's last state upload).
-        for trial, count in before.items():
-            text = storage.read_text(storage.join(ROOT, "tune_runs", SEARCH, trial, "result.json"))
-            lines = [json.loads(x) for x in text.splitlines() if x.strip()]
-            assert all(line["final"] and line["rounds"] == ROUNDS for line in lines[count - 1:]), trial
+        # A finished trial was not started again: its results are what they were before the kill.
+        after = _terminated_in_state(store)
+        for trial_id, results in before.items():
+            assert after[trial_id] == results, trial_id
+            last = json.loads(results.splitlines()[-1])
+            assert last["final"] and last["rounds"] == ROUNDS
 
         # Every trial's final checkpoint and lakeray's search record are objects; nothing local.
         infos = _objects(store, f"tune_runs/{SEARCH}")
-        finals = [i.path for i in infos if i.path.endswith("/lakeray_state.json")]
-        assert len({p.split("/")[-3] for p in finals}) == TRIALS
+        states = [i.path for i in infos if i.path.endswith("/lakeray_state.json")]
+        # By trial id: a trial started after Tune's last state upload before the kill is not in the
+        # restored state; the searcher draws it again (same id and config) into a new trial folder.
+        with_checkpoints = {re.search(r"/_trial_([0-9a-f]+_\d{5})_", p).group(1) for p in states}
+        assert with_checkpoints == {t["trial_id"] for t in summary["trials"]}
         assert any(i.path.endswith(f"{SEARCH}/lakeray_search.json") for i in infos)
         assert not list(folder.rglob("tune_runs"))
         state = json.loads(storage.read_text(storage.join(ROOT, "tune_runs", SEARCH, "lakeray_search.json")))

@@ -382,7 +382,11 @@ def _new_tuner(settings: Settings, setup: TuneSetup, plan: TrainPlan, trainable:
     run_config = RunConfig(
         name=tune.name, storage_path=posixpath.dirname(path), storage_filesystem=filesystem, verbose=0, callbacks=[Watch(folder)],
         stop=StartStopper(folder), failure_config=FailureConfig(max_failures=plan.spec.max_failures),
-        checkpoint_config=CheckpointConfig(num_to_keep=2))
+        # On a bucket every checkpoint is kept: Tune deletes the oldest beyond num_to_keep at once but
+        # uploads its state (which names a trial's checkpoint to restore) only every 2 s, in the
+        # background; a driver killed in between left a state naming a deleted checkpoint, and --resume
+        # failed that trial (seen here with S3Proxy). A local copy of the state takes milliseconds.
+        checkpoint_config=CheckpointConfig(num_to_keep=2 if storage.is_local(folder) else None))
     tune_config = TuneConfig(metric=setup.metric_key, mode=setup.mode, search_alg=searcher, scheduler=scheduler,
                              num_samples=tune.num_samples, max_concurrent_trials=limit,
                              time_budget_s=tune.time_budget_s,
