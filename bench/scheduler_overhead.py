@@ -137,7 +137,12 @@ class MemorySampler(threading.Thread):
             procs = _procs()
             members = {pid: v for pid, v in procs.items() if v[1] == daemon}
             # The program's name, not its path: the JVM's jspawnhelper children live under .../java-17-.../lib.
-            java = [pid for pid in members if os.path.basename(_cmdline(pid).split(" ", 1)[0]) == "java"]
+            java = {pid for pid in members if os.path.basename(_cmdline(pid).split(" ", 1)[0]) == "java"}
+            # A child the JVM is spawning shares its memory until it execs, and /proc shows it as java with
+            # the JVM's resident set: not a JVM of its own, not counted twice.
+            clones = {pid for pid in java if members[pid][0] in java}
+            java -= clones
+            members = {pid: v for pid, v in members.items() if pid not in clones}
             # The worker is the JVM's parent (pyspark starts the JVM); its code server is the worker's parent.
             # The largest of each: a finishing run's worker can overlap the next one's for a moment.
             workers = {members[j][0] for j in java if members[j][0] in members}
