@@ -31,7 +31,7 @@ ROOT = f"s3://{BUCKET}/lakehouse"
 KEY_VAR, SECRET_VAR = "LR_TUNE_S3_KEY", "LR_TUNE_S3_SECRET"
 LAKERAY = os.path.join(os.path.dirname(sys.executable), "lakeray")
 SEARCH = "bucket_search"
-TRIALS, ROUNDS = 4, 500
+TRIALS, ROUNDS = 4, 800
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,7 @@ def project(s3proxy, tmp_path_factory):
           no_tracking:
             storage: {json.dumps(store.model_dump(exclude_none=True))}
         """))
-    # One trial at a time, each long enough (500 rounds, depth 8) that the kill lands between trials.
+    # One trial at a time, each long enough (800 rounds, depth 8) that the kill lands between trials.
     (folder / "tune.yaml").write_text(textwrap.dedent(f"""\
         name: {SEARCH}
         train:
