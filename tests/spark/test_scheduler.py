@@ -262,13 +262,14 @@ def test_a_retried_interval_is_not_committed_twice_and_runs_list_merges_the_ledg
     assert [r.run_id for r in scheduled[:2]] == [retry.run_id, first.run_id]
     assert scheduled[0].retry_of == first.run_id and scheduled[0].interval == tags["lakeray/interval"]
     assert scheduled[0].versions == scheduled[1].versions == versions
-    assert all(r.status == "success" and r.seconds is not None for r in scheduled[:2])
+    assert all(r.status == "success" and r.seconds is not None and r.reason is None for r in scheduled[:2])
     # The flaky job's two attempts (failed, committed) belong to its one Dagster run, not listed apart.
     (flaky,) = list_runs(project, job="sc_flaky", limit=None)
     ledger_ids = [e["run_id"] for e in read_ledger(project, "sc_flaky")]
     assert flaky.source == "dagster" and sorted(flaky.feature_runs) == sorted(ledger_ids)
     assert not [r for r in rows if r.source == "features" and r.run_id in ledger_ids]
     (broken,) = list_runs(project, job="sc_broken", status="failure")
+    assert "sc_broken" in broken.reason, broken.reason  # Dagster's run failure names the failed step
     shown = show_run(project, broken.run_id[:8])
     assert "bad row in sc_events" in shown["error"] and [e["status"] for e in shown["ledger"]] == ["failed", "failed"]
     assert shown["logs"]["daemon_log"].endswith("lakeray_logs/dagster-daemon.log")

@@ -298,6 +298,7 @@ def test_a_run_over_its_timeout_is_cancelled_by_run_monitoring_and_not_reexecute
     assert set(rows) == {run_id} | {child["runId"] for child in children}
     assert all(row["status"] == "failure" and row["interval"] == tags["lakeray/interval"] for row in rows.values())
     assert all(rows[child["runId"]]["retry_of"] == run_id for child in children)
+    assert rows[run_id]["reason"] == f"Exceeded maximum runtime of {SLOW_TIMEOUT_S} seconds.", rows[run_id]
 
 
 def test_scheduler_stop_stops_everything_it_started(service):

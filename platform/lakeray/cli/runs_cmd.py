@@ -45,12 +45,13 @@ def list_cmd(ctx: click.Context, job: str | None, status: str | None, limit: int
     if not rows:
         click.echo("no runs")
         return
-    table = Table("run id", "source", "job", "interval / partition", "status", "started (UTC)", "s", "committed")
+    table = Table("run id", "source", "job", "interval / partition", "status", "started (UTC)", "s", "committed",
+                  "reason")
     for row in rows:
         committed = ", ".join(f"{t}@{v}" for t, v in row.versions.items()) or "-"
         table.add_row(row.run_id[:8] if row.source == "dagster" else row.run_id, row.source, row.job,
                       row.interval or "-", row.status + (" (retry)" if row.retry_of else ""), _when(row.started_at),
-                      "-" if row.seconds is None else f"{row.seconds:.1f}", committed)
+                      "-" if row.seconds is None else f"{row.seconds:.1f}", committed, (row.reason or "")[:60])
     Console(width=200).print(table)
 
 

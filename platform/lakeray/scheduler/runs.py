@@ -47,6 +47,9 @@ class RunRow:
     retry_of: str | None = None  # the run this one re-executes
     feature_runs: list[str] = field(default_factory=list)  # ledger run ids made inside this run
     assets: list[str] = field(default_factory=list)  # the assets a Dagster run was launched for or ran
+    # Why a run failed or was cancelled, one line: its timeout ("Exceeded maximum runtime of N seconds."),
+    # Dagster's run failure message, or the ledger's error. None for the others.
+    reason: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -74,10 +77,16 @@ def _dagster_row(instance: Any, record: Any) -> RunRow:
     versions: dict[str, int] = {}
     ledger_ids: list[str] = []
     started: set[str] = set()  # a lakeray asset's step key is its table (failed steps materialise nothing)
+    stops: list[str] = []  # run canceling/failure messages, oldest first
     for entry in instance.all_logs(run.run_id, of_type={DagsterEventType.ASSET_MATERIALIZATION,
-                                                         DagsterEventType.STEP_START}):
-        if entry.dagster_event is not None and entry.dagster_event.event_type == DagsterEventType.STEP_START:
+                                                         DagsterEventType.STEP_START, DagsterEventType.RUN_CANCELING,
+                                                         DagsterEventType.RUN_FAILURE}):
+        kind = entry.dagster_event.event_type if entry.dagster_event is not None else None
+        if kind == DagsterEventType.STEP_START:
             started.add(entry.step_key or "")
+            continue
+        if kind in (DagsterEventType.RUN_CANCELING, DagsterEventType.RUN_FAILURE):
+            stops.append(" ".join((entry.message or "").split()))
             continue
         materialization = entry.asset_materialization
         if materialization is None:
@@ -94,19 +103,31 @@ def _dagster_row(instance: Any, record: Any) -> RunRow:
     job = ", ".join(assets) if run.job_name.startswith("__") and assets else run.job_name
     start, end = record.start_time, record.end_time
     interval = tags.get("lakeray/interval") or tags.get("dagster/partition")
-    return RunRow(run.run_id, "dagster", job, interval, _DAGSTER_STATUS.get(run.status.value, "running"),
-                  run.status.value, start or record.create_timestamp.timestamp(),
+    status = _DAGSTER_STATUS.get(run.status.value, "running")
+    return RunRow(run.run_id, "dagster", job, interval, status, run.status.value,
+                  start or record.create_timestamp.timestamp(),
                   None if start is None or end is None else round(end - start, 2), versions,
-                  tags.get("lakeray/schedule"), tags.get("dagster/parent_run_id"), ledger_ids, assets)
+                  tags.get("lakeray/schedule"), tags.get("dagster/parent_run_id"), ledger_ids, assets,
+                  _stop_reason(stops) if status in ("failure", "canceled") else None)
+
+
+def _stop_reason(messages: list[str]) -> str | None:
+    """The run's timeout when run monitoring stopped it (the worker's own failure message, written a moment
+    later, only says its step was interrupted), else its last failure/cancel message."""
+    timeout = [m for m in messages if "maximum runtime" in m]
+    exceeded = [m for m in timeout if m.startswith("Exceeded")]
+    return (exceeded or timeout or messages or [None])[-1]
 
 
 def _ledger_row(entry: dict[str, Any]) -> RunRow:
     status = entry.get("status", "running")
     rng = entry.get("range")
     interval = entry.get("interval") or (f"{rng[0]}..{rng[1]}" if rng else None)
+    error = entry.get("error")
     return RunRow(entry["run_id"], "features", entry["table"], interval, _LEDGER_STATUS.get(status, "failure"),
                   status, _epoch(entry.get("started_at")), entry.get("seconds"),
-                  {entry["table"]: entry["version"]} if status == "committed" and "version" in entry else {})
+                  {entry["table"]: entry["version"]} if status == "committed" and "version" in entry else {},
+                  reason=str(error).strip().splitlines()[0] if error else None)
 
 
 def _collect(settings: Settings) -> tuple[list[RunRow], list[dict[str, Any]]]:
