@@ -173,6 +173,9 @@ def test_a_token_that_is_not_the_heads_is_one_error_naming_its_source(cluster, t
             in shown.stderr), shown.stderr[-2000:]
 
 
+# The cut comes 3 epochs in and the restart resumes from a checkpoint at 2 or later: 20 epochs leave the
+# run well past both (40 only cost ~10 s more of 0.3 s epochs).
+EPOCHS = 20
 TRAIN = """
     import json, os, sys, tempfile, time
     from lakeray.cluster.ray_runtime import start_ray
@@ -191,7 +194,7 @@ TRAIN = """
             with ray.train.get_checkpoint().as_directory() as folder:
                 start = json.load(open(os.path.join(folder, "state.json")))["epoch"] + 1
         ip = ray.util.get_node_ip_address()
-        for epoch in range(start, 40):
+        for epoch in range(start, {epochs}):
             time.sleep(0.3)
             with open(f"{{config['marks']}}.{{context.get_world_rank()}}", "a") as fh:
                 fh.write(json.dumps({{"epoch": epoch, "ip": ip, "start": start, "t": time.time()}}) + "\\n")
@@ -223,7 +226,7 @@ def test_training_spreads_over_both_hosts_and_fails_over_when_the_worker_host_is
     root, _ = cluster
     marks = str(tmp_path / "marks")
     code = textwrap.dedent(TRAIN).format(config=str(REPO / "lakeray.yaml"), root=str(root), marks=marks,
-                                         storage=str(tmp_path / "train"))
+                                         storage=str(tmp_path / "train"), epochs=EPOCHS)
     driver = subprocess.Popen(["ip", "netns", "exec", HEAD_NS, sys.executable, "-c", code],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -242,7 +245,7 @@ def test_training_spreads_over_both_hosts_and_fails_over_when_the_worker_host_is
             driver.kill()
     assert driver.returncode == 0, err[-4000:]
     result = json.loads(out.strip().splitlines()[-1])
-    assert result["epoch"] == 39 and result["error"] == "None"
+    assert result["epoch"] == EPOCHS - 1 and result["error"] == "None"
     assert result["nodes"] == {HEAD_IP: True, WORKER_IP: False}  # Ray's own list: the worker host is dead
     after = [m for m in _marks(marks + ".0") + _marks(marks + ".1") if m["t"] > cut_at and m["start"] > 0]
     # Ray Train restarted both workers on the head, from the last checkpoint (not from epoch 0) ...
