@@ -265,6 +265,12 @@ def alive(pid: int) -> bool:
         return False
 
 
+# A SIGKILLed process is still in /proc (state R/D, empty command line) until the kernel has torn down
+# its memory: a raylet or a JVM of a few GB takes a moment. `down` returns only after that, so a
+# port it held is free and nothing of the cluster is listed any more when it says "stopped".
+_KILL_WAIT_S = 10.0
+
+
 def terminate(pids: list[int], grace_s: float = 10.0) -> list[int]:
     for pid in pids:
         try:
@@ -280,11 +286,22 @@ def terminate(pids: list[int], grace_s: float = 10.0) -> list[int]:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+    deadline = time.monotonic() + _KILL_WAIT_S
+    while time.monotonic() < deadline and any(alive(p) for p in pids):
+        time.sleep(0.1)
     return pids
 
 
-def kill_ray_processes(temp_dir: str) -> list[int]:
-    return terminate(ray_pids(temp_dir))
+def kill_ray_processes(temp_dir: str, rounds: int = 3) -> list[int]:
+    """Stop every process of the Ray node(s) with ``temp_dir``. The list is taken again after each round:
+    a raylet that is being stopped may still fork a worker after the first listing."""
+    stopped: list[int] = []
+    for _ in range(rounds):
+        pids = [pid for pid in ray_pids(temp_dir) if alive(pid)]
+        if not pids:
+            break
+        stopped += terminate(pids)
+    return stopped
 
 
 def group_members(pgid: int) -> list[int]:
@@ -322,4 +339,7 @@ def stop_groups(pgids: list[int], grace_s: float = 10.0) -> list[int]:
                 os.killpg(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+    deadline = time.monotonic() + _KILL_WAIT_S
+    while time.monotonic() < deadline and any(group_members(p) for p in pgids):
+        time.sleep(0.1)
     return stopped
