@@ -25,9 +25,11 @@ os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
 os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "5")
 
 
-def write_learnable(path: str, rows: int, features: int, seed: int, files: int = 1) -> None:
+def write_learnable(path: str, rows: int, features: int, seed: int, files: int = 1,
+                    storage_options: dict[str, str] | None = None) -> None:
     """A Delta table (deltalake, no Spark) of ``row_id``, ``f0``.. normal features and a 0/1 ``label``
-    drawn from 1.5·f0 − f1 + 0.8·f2·f3: learnable (held-out AUC ≈ 0.85), not trivially so."""
+    drawn from 1.5·f0 − f1 + 0.8·f2·f3: learnable (held-out AUC ≈ 0.85), not trivially so. In a bucket
+    with ``storage_options`` (lakeray.storage.delta_options)."""
     import numpy as np
     import pandas as pd
     from deltalake import write_deltalake
@@ -39,7 +41,14 @@ def write_learnable(path: str, rows: int, features: int, seed: int, files: int =
     frame["row_id"] = np.arange(rows, dtype=np.int64)
     frame["label"] = (rng.random(rows) < 1 / (1 + np.exp(-logit))).astype(np.int64)
     for part in np.array_split(frame, files):
-        write_deltalake(path, part, mode="append")
+        write_deltalake(path, part, mode="append", storage_options=storage_options)
+
+
+def bucket_cli_env(project_dir, secrets: dict[str, str]) -> dict[str, str]:
+    """The environment of a `lakeray` CLI subprocess on a bucket project: this one without lakeray's,
+    AWS's and MLflow's settings (the project's lakeray.yaml decides), plus the credential variables."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LAKERAY_", "AWS_", "MLFLOW_"))}
+    return {**env, **secrets, "LAKERAY_CONFIG": str(Path(project_dir) / "lakeray.yaml")}
 
 
 def descendants(pid: int) -> list[int]:
@@ -144,3 +153,13 @@ def s3_bucket(server, name: str) -> str:
     """Create bucket ``name`` on ``server`` (S3Proxy's filesystem backend: a bucket is a folder of its root)."""
     (Path(server.root_dir) / name).mkdir(exist_ok=True)
     return name
+
+
+def bucket_storage(server, bucket: str, root: str, key_var: str, secret_var: str):
+    """A StorageConfig for ``root`` in ``bucket`` (created) of the session's S3Proxy, its credentials named by
+    ``key_var``/``secret_var`` (the caller sets them), path-style over plain HTTP as S3Proxy serves."""
+    from lakeray.config import StorageConfig
+
+    s3_bucket(server, bucket)
+    return StorageConfig(root=root, endpoint_url=server.endpoint, access_key_env=key_var, secret_key_env=secret_var,
+                         path_style=True, allow_http=True, timeout_s=10)

@@ -21,7 +21,7 @@ from pathlib import Path  # local folders only: the S3Proxy data folder and the 
 import pytest
 
 from lakeray import storage
-from tests.conftest import s3_bucket
+from tests.conftest import bucket_cli_env, bucket_storage, write_learnable
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -36,12 +36,8 @@ LAKERAY = os.path.join(os.path.dirname(sys.executable), "lakeray")
 def project(s3proxy, tmp_path_factory):
     """A project folder whose only profile keeps everything in the bucket (the registry: local SQLite), on
     the session's S3Proxy (tests/conftest.py)."""
-    s3_bucket(s3proxy, BUCKET)
-    from lakeray.config import StorageConfig
-
+    store = bucket_storage(s3proxy, BUCKET, ROOT, KEY_VAR, SECRET_VAR)
     folder = tmp_path_factory.mktemp("bucket_project")
-    store = StorageConfig(root=ROOT, endpoint_url=s3proxy.endpoint, access_key_env=KEY_VAR, secret_key_env=SECRET_VAR,
-                          path_style=True, allow_http=True, timeout_s=10)
     (folder / "lakeray.yaml").write_text(textwrap.dedent(f"""\
         default_profile: bucket
         profiles:
@@ -66,30 +62,9 @@ def project(s3proxy, tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         for name, value in env.items():
             mp.setenv(name, value)
-        _write_training_set(storage.join(ROOT, "tables", "bucket_set"), store)
+        uri = storage.join(ROOT, "tables", "bucket_set")
+        write_learnable(uri, 20_000, 8, seed=3, files=4, storage_options=storage.delta_options(uri, store))
     return folder, store, env
-
-
-def _write_training_set(uri: str, store) -> None:
-    """20k rows, 8 numeric features, a learnable label, four files (two per worker), written with delta-rs."""
-    import numpy as np
-    import pandas as pd
-    from deltalake import write_deltalake
-
-    rng = np.random.default_rng(3)
-    x = rng.normal(size=(20_000, 8))
-    frame = pd.DataFrame(x, columns=[f"f{i}" for i in range(8)])
-    frame["row_id"] = np.arange(len(frame), dtype=np.int64)
-    logit = 1.5 * x[:, 0] - x[:, 1] + 0.8 * x[:, 2] * x[:, 3]
-    frame["label"] = (rng.random(len(frame)) < 1 / (1 + np.exp(-logit))).astype(np.int64)
-    for start in range(0, len(frame), 5_000):
-        part = frame.iloc[start:start + 5_000]
-        write_deltalake(uri, part, mode="append", storage_options=storage.delta_options(uri, store))
-
-
-def _cli_env(project_dir: Path, secrets: dict[str, str]) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("LAKERAY_", "AWS_", "MLFLOW_"))}
-    return {**env, **secrets, "LAKERAY_CONFIG": str(project_dir / "lakeray.yaml")}
 
 
 def _bucket_fs(store):
@@ -114,7 +89,7 @@ def test_lakeray_train_keeps_its_run_checkpoints_and_artifacts_in_the_bucket(pro
     storage.configure(store)  # this process reads the bucket with the same settings
     try:
         proc = subprocess.Popen([LAKERAY, "train", "train.yaml", "--json"],
-                                cwd=folder, env=_cli_env(folder, secrets), stdout=subprocess.PIPE,
+                                cwd=folder, env=bucket_cli_env(folder, secrets), stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True, start_new_session=True)
         runs = storage.join(ROOT, "train_runs")
         killed: dict = {}
@@ -183,7 +158,7 @@ def test_wrong_credentials_fail_before_any_worker_starts(project):
     folder, _, secrets = project
     started = time.perf_counter()
     proc = subprocess.run([LAKERAY, "train", "train.yaml", "--json"], cwd=folder,
-                          env=_cli_env(folder, {**secrets, SECRET_VAR: "not-the-secret"}), capture_output=True,
+                          env=bucket_cli_env(folder, {**secrets, SECRET_VAR: "not-the-secret"}), capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode != 0
     assert "rejected the credentials" in proc.stdout + proc.stderr

@@ -17,12 +17,11 @@ import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path  # local folders only: the S3Proxy data folder and the project folder
 
 import pytest
 
 from lakeray import storage
-from tests.conftest import kill_tree, s3_bucket
+from tests.conftest import bucket_cli_env, bucket_storage, kill_tree, write_learnable
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -38,13 +37,8 @@ TRIALS, ROUNDS = 4, 800
 def project(s3proxy, tmp_path_factory):
     """A project folder whose profiles keep everything in a bucket of the session's S3Proxy
     (tests/conftest.py; the registry: local SQLite); ``no_tracking`` leaves mlflow.tracking_uri empty."""
-    from lakeray.config import StorageConfig
-
-    s3_bucket(s3proxy, BUCKET)
-
+    store = bucket_storage(s3proxy, BUCKET, ROOT, KEY_VAR, SECRET_VAR)
     folder = tmp_path_factory.mktemp("bucket_tune_project")
-    store = StorageConfig(root=ROOT, endpoint_url=s3proxy.endpoint, access_key_env=KEY_VAR, secret_key_env=SECRET_VAR,
-                          path_style=True, allow_http=True, timeout_s=10)
     (folder / "lakeray.yaml").write_text(textwrap.dedent(f"""\
         default_profile: bucket
         profiles:
@@ -78,28 +72,9 @@ def project(s3proxy, tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         for name, value in secrets.items():
             mp.setenv(name, value)
-        _write_training_set(storage.join(ROOT, "tables", "tune_set"), store)
+        uri = storage.join(ROOT, "tables", "tune_set")
+        write_learnable(uri, 12_000, 8, seed=11, storage_options=storage.delta_options(uri, store))
     return folder, store, secrets
-
-
-def _write_training_set(uri: str, store) -> None:
-    """12k rows, 8 normal features, a learnable label (tests/conftest.write_learnable's), via delta-rs."""
-    import numpy as np
-    import pandas as pd
-    from deltalake import write_deltalake
-
-    rng = np.random.default_rng(11)
-    x = rng.normal(size=(12_000, 8))
-    frame = pd.DataFrame(x, columns=[f"f{i}" for i in range(8)])
-    frame["row_id"] = np.arange(len(frame), dtype=np.int64)
-    logit = 1.5 * x[:, 0] - x[:, 1] + 0.8 * x[:, 2] * x[:, 3]
-    frame["label"] = (rng.random(len(frame)) < 1 / (1 + np.exp(-logit))).astype(np.int64)
-    write_deltalake(uri, frame, mode="append", storage_options=storage.delta_options(uri, store))
-
-
-def _cli_env(project_dir: Path, secrets: dict[str, str]) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("LAKERAY_", "AWS_", "MLFLOW_"))}
-    return {**env, **secrets, "LAKERAY_CONFIG": str(project_dir / "lakeray.yaml")}
 
 
 def _objects(store, prefix: str) -> list:
@@ -129,7 +104,7 @@ def test_a_search_in_the_bucket_is_killed_resumed_from_the_bucket_and_registers_
     folder, store, secrets = project
     for name, value in secrets.items():
         monkeypatch.setenv(name, value)
-    env = _cli_env(folder, secrets)
+    env = bucket_cli_env(folder, secrets)
     storage.configure(store)  # this process reads the bucket with the same settings
     try:
         driver = subprocess.Popen([LAKERAY, "tune", "tune.yaml", "--json"], cwd=folder, env=env,
@@ -212,7 +187,7 @@ def test_wrong_credentials_fail_before_any_trial(project):
     folder, store, secrets = project
     started = time.perf_counter()
     proc = subprocess.run([LAKERAY, "tune", "tune.yaml", "--json"], cwd=folder,
-                          env=_cli_env(folder, {**secrets, SECRET_VAR: "not-the-secret"}), capture_output=True,
+                          env=bucket_cli_env(folder, {**secrets, SECRET_VAR: "not-the-secret"}), capture_output=True,
                           text=True, timeout=120)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 2 and "rejected the credentials" in out

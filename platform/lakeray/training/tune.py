@@ -366,10 +366,10 @@ def _new_tuner(settings: Settings, setup: TuneSetup, plan: TrainPlan, trainable:
 
         searcher = OptunaSearch(seed=tune.search.seed)  # Tune wraps it in a ConcurrencyLimiter
     else:
-        from ray.tune.search import BasicVariantGenerator
+        from lakeray.training.tune_watch import ResumableGenerator
 
         # Tune ignores max_concurrent_trials for a SearchAlgorithm: the generator takes the limit itself.
-        searcher, limit = BasicVariantGenerator(random_state=tune.search.seed, max_concurrent=concurrent), None
+        searcher, limit = ResumableGenerator(random_state=tune.search.seed, max_concurrent=concurrent), None
     scheduler = None
     if tune.scheduler.kind == "asha":
         from ray.tune.schedulers import ASHAScheduler
@@ -380,7 +380,8 @@ def _new_tuner(settings: Settings, setup: TuneSetup, plan: TrainPlan, trainable:
     # search folder; trials upload their checkpoints there themselves, through the same filesystem.
     filesystem, path = tune_storage(folder)
     run_config = RunConfig(
-        name=tune.name, storage_path=posixpath.dirname(path), storage_filesystem=filesystem, verbose=0, callbacks=[Watch(folder)],
+        name=tune.name, storage_path=posixpath.dirname(path), storage_filesystem=filesystem, verbose=0,
+        callbacks=[Watch(folder, searcher)],
         stop=StartStopper(folder), failure_config=FailureConfig(max_failures=plan.spec.max_failures),
         # On a bucket every checkpoint is kept: Tune deletes the oldest beyond num_to_keep at once but
         # uploads its state (which names a trial's checkpoint to restore) only every 2 s, in the

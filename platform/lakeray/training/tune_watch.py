@@ -13,30 +13,63 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ray.tune import Callback
+from ray.tune.search import BasicVariantGenerator
 from ray.tune.stopper import Stopper
 
 if TYPE_CHECKING:
     from lakeray.training.tune import TrialStatus
     from lakeray.training.tune_spec import TuneSetup
 
-__all__ = ["LISTENERS", "Listener", "Watch", "StartStopper"]
+__all__ = ["LISTENERS", "Listener", "ResumableGenerator", "Watch", "StartStopper"]
 
 LISTENERS: dict[str, Any] = {}  # search folder → the Listener of this driver
 
 
-class Watch(Callback):
-    """Hands the list of trials to the listener at every step of Tune's loop (the listener throttles)."""
+class ResumableGenerator(BasicVariantGenerator):
+    """Tune's random/grid generator, safe to resume.
 
-    def __init__(self, key: str) -> None:
+    Tune saves the generator's state (its draw counter, its running trial ids) and the trials' states
+    at different moments. After a --resume the restored generator could (a) count as running a trial
+    that had already ended, and with max_concurrent never draw another one: Tune's loop then blocked
+    600 s at a time waiting for a trial, forever (seen on a bucket, where the state is uploaded every
+    2 s); (b) draw again a trial the experiment already has (same id and configuration: its counter was
+    behind). Each step, before Tune asks for trials, Watch calls :meth:`sync` with the experiment's trials.
+    """
+
+    def sync(self, trials: list[Any]) -> None:
+        self._known = {t.trial_id for t in trials}
+        unfinished = {t.trial_id for t in trials if t.status not in ("TERMINATED", "ERROR")}
+        self._live_trials.intersection_update(unfinished)
+
+    def next_trial(self) -> Any:
+        while True:
+            trial = super().next_trial()
+            if trial is None or trial.trial_id not in getattr(self, "_known", ()):
+                return trial
+            self._live_trials.discard(trial.trial_id)  # already in the experiment: skip this draw
+
+
+class Watch(Callback):
+    """Hands the list of trials to the listener at every step of Tune's loop (the listener throttles),
+    and keeps the search algorithm's count of running trials true (below)."""
+
+    def __init__(self, key: str, searcher: Any = None) -> None:
         self.key = key
+        # The same object as the TuneConfig's search_alg, also after Tuner.restore (tuner.pkl is one pickle).
+        self.searcher = searcher
 
     def on_step_begin(self, iteration: int, trials: list[Any], **info: Any) -> None:
+        _forget_ended_trials(self.searcher, trials)
         listener = LISTENERS.get(self.key)
         if listener is not None:
             listener.update(trials)
 
-    def on_experiment_end(self, trials: list[Any], **info: Any) -> None:
-        self.on_step_begin(0, trials)
+
+def _forget_ended_trials(searcher: Any, trials: list[Any]) -> None:
+    """Bring the search algorithm's view in line with the experiment's trials (ResumableGenerator); a
+    no-op for other searchers (Optuna behind Tune's ConcurrencyLimiter)."""
+    if isinstance(searcher, ResumableGenerator):
+        searcher.sync(trials)
 
 
 class StartStopper(Stopper):
