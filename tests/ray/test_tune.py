@@ -130,26 +130,30 @@ def test_a_search_that_cannot_place_a_trial_says_why_within_the_wait(settings, r
 
     # Every free CPU of the cluster held by someone else (in a full test run, Serve replicas of
     # earlier tests hold some already): the trials wait in line, and the search gives up.
-    held = None
-    for _ in range(6):  # CPUs that earlier tests' workers are still releasing change the free count
+    # CPUs that earlier tests' workers are still releasing show up free later: hold each amount that
+    # appears, until nothing has been free for 3 s in a row (a CPU freed after the hold let a trial start).
+    holds, quiet_since, deadline = [], None, time.monotonic() + 90
+    while quiet_since is None or time.monotonic() - quiet_since < 3:
+        assert time.monotonic() < deadline, "could not hold the cluster's free CPUs"
         free = ray.available_resources().get("CPU", 0)
         if free < 0.01:
-            break
-        held = placement_group([{"CPU": free}])
-        if ray.wait([held.ready()], timeout=10)[0]:
-            break
-        remove_placement_group(held)
-        held = None
-    else:
-        pytest.fail("could not hold the cluster's free CPUs")
+            quiet_since = quiet_since or time.monotonic()
+        else:
+            quiet_since = None
+            group = placement_group([{"CPU": free}])
+            if ray.wait([group.ready()], timeout=10)[0]:
+                holds.append(group)
+            else:
+                remove_placement_group(group)
+        time.sleep(0.2)
     try:
         started = time.monotonic()
         with pytest.raises(ClusterError, match="no trial started within 5 s"):
             _search(settings, _spec(tune_table, "no_room"), start_timeout_s=5)
         assert time.monotonic() - started < 60
     finally:
-        if held is not None:
-            remove_placement_group(held)
+        for group in holds:
+            remove_placement_group(group)
 
 
 def _finished_trials(folder: Path) -> dict[str, int]:
