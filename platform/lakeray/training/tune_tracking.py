@@ -45,11 +45,7 @@ def _trial_rows(results: Any, setup: TuneSetup, seen: list[TrialStatus]) -> list
         trial_id = metrics.get("trial_id") or posixpath.basename(result.path)
         config = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in (result.config or {}).items()}
         value = metrics.get(setup.metric_key)
-        # The live view's states are those of Tune's last step, taken at its start: a trial whose final
-        # result came in during that step still reads RUNNING there. fit() has returned, so every trial
-        # that was running has ended (finished, or stopped with the search); PENDING ones never started.
-        seen_state = states.get(trial_id, "TERMINATED")
-        state = "ERROR" if result.error is not None else "TERMINATED" if seen_state == "RUNNING" else seen_state
+        state = "ERROR" if result.error is not None else states.get(trial_id, "TERMINATED")
         rows.append((TrialStatus(trial_id, config, state, int(metrics.get("rounds", 0) or 0),
                                  float(value) if value is not None else None,
                                  int(config.get("rounds", setup.base.model.rounds)), bool(metrics.get("final"))),

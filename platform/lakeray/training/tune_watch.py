@@ -64,6 +64,9 @@ class Watch(Callback):
         if listener is not None:
             listener.update(trials)
 
+    def on_experiment_end(self, trials: list[Any], **info: Any) -> None:
+        self.on_step_begin(0, trials)
+
 
 def _forget_ended_trials(searcher: Any, trials: list[Any]) -> None:
     """Bring the search algorithm's view in line with the experiment's trials (ResumableGenerator); a
